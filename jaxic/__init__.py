@@ -1,0 +1,20 @@
+"""jaxic: amortized inference for NumPyro models with transformer proposals.
+
+Example:
+    >>> compiled = jaxic.compile(model, observed=["obs"], key=jax.random.key(0), num_steps=3000)
+    >>> post = compiled.posterior(jax.random.key(1), {"obs": 25.0}, num_samples=10_000)
+    >>> print(post.summary())
+"""
+
+from jaxic.api import CompiledModel, TrainConfig, compile, load
+from jaxic.errors import (CheckpointError, JaxicError, ModelError, ObservationError, UnsupportedDistributionError,
+                          UntraceableModelError)
+from jaxic.inference import Posterior, importance_sample
+from jaxic.networks import TransformerConfig
+from jaxic.tracing import TraceSpec, derive_trace_spec, sample_joint
+
+__version__ = "0.1.0"
+
+__all__ = ["CompiledModel", "TrainConfig", "compile", "load", "CheckpointError", "JaxicError", "ModelError",
+           "ObservationError", "UnsupportedDistributionError", "UntraceableModelError", "Posterior",
+           "importance_sample", "TransformerConfig", "TraceSpec", "derive_trace_spec", "sample_joint"]

@@ -1,0 +1,308 @@
+"""The convenience layer: ``jaxic.compile``, :class:`CompiledModel`, ``jaxic.load``.
+
+Everything here is a thin shell over the functional core in ``jaxic.training``,
+``jaxic.objectives`` and ``jaxic.inference``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxic import checkpoint, training
+from jaxic.errors import CheckpointError, JaxicError, ObservationError
+from jaxic.heads import head_for_site
+from jaxic.inference import Posterior, importance_sample
+from jaxic.networks import Statistic, TransformerConfig, proposal_statistics
+from jaxic.objectives import ForwardKL, forward_kl_loss
+from jaxic.tracing import TraceSpec, derive_trace_spec, sample_joint
+
+NETWORKS = {"transformer": TransformerConfig}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How the proposal is trained; saved with checkpoints so a resumed run continues identically."""
+
+    num_steps: int = 2000
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    validation_size: int = 1024
+    statistics_size: int = 4096
+    steps_per_call: int = 25
+    validation_every: int = 250
+    custom_optimizer: bool = False
+
+
+def _bind(model: Callable, model_args: Sequence, model_kwargs: Mapping | None) -> Callable:
+    return functools.partial(model, *tuple(model_args), **dict(model_kwargs or {}))
+
+
+class CompiledModel:
+    """A trained proposal for one model: train more, infer, save.
+
+    Create it with :func:`jaxic.compile` or :func:`jaxic.load`.
+
+    Example:
+        >>> compiled = jaxic.compile(model, observed=["obs"], key=jax.random.key(0), num_steps=3000)
+        >>> post = compiled.posterior(jax.random.key(1), {"obs": 25.0}, num_samples=10_000)
+        >>> compiled.train(1000)          # continue training exactly where it stopped
+        >>> compiled.save("proposal_ckpt/")
+    """
+
+    def __init__(self, model, model_args, model_kwargs, spec: TraceSpec, network_config, train_config: TrainConfig,
+                 network, optimizer: optax.GradientTransformation, key: jax.Array, validation):
+        self.model = model
+        self.model_args = tuple(model_args)
+        self.model_kwargs = dict(model_kwargs or {})
+        self._bound = _bind(model, model_args, model_kwargs)
+        self.spec = spec
+        self.network_config = network_config
+        self.train_config = train_config
+        self.graphdef, params, statistics = nnx.split(network, nnx.Param, ...)
+        self.optimizer = training.guard(optimizer)
+        self.state = training.init(params, statistics, self.optimizer, key)
+        self.validation = validation
+        self.history: dict[str, list] = {"loss": [], "validation_step": [], "validation_loss": [], "skipped": []}
+        objective = ForwardKL(spec, self._bound)
+        step = training.build_step(self.graphdef, objective, self.optimizer, train_config.batch_size)
+        self._multi_step = jax.jit(training.build_multi_step(step, train_config.steps_per_call))
+        self._validate = jax.jit(functools.partial(training.evaluate, forward_kl_loss, self.graphdef))
+        self._samplers: dict[tuple[int, bool], Callable] = {}
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def network(self):
+        """The proposal network as an ``nnx.Module`` (a fresh merge of the current parameters)."""
+        return nnx.merge(self.graphdef, self.state.params, self.statistics)
+
+    @property
+    def statistics(self):
+        """Non-trainable network state (moments of the joint samples)."""
+        return self.state.statistics
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state.params))
+
+    def validation_loss(self) -> float:
+        """Mean ``-log q(x | y)`` on the fixed held-out joint samples."""
+        tokens, observations = self.validation
+        return float(self._validate(self.state.params, self.statistics, tokens, observations))
+
+    def train(self, num_steps: int, progress: bool = True) -> "CompiledModel":
+        """Run ``num_steps`` more optimisation steps (one compiled call per ``steps_per_call``)."""
+        cfg = self.train_config
+        horizon = cfg.num_steps
+        if not cfg.custom_optimizer and 0 < horizon < self.step + num_steps:
+            warnings.warn(f"training to step {self.step + num_steps}, past the {horizon} steps the learning-rate "
+                          "schedule was built for: the rate stays at 5% of its peak from there on. Compile with "
+                          "the total num_steps (or num_steps=0 for a constant rate) to avoid this.", stacklevel=2)
+        bar = tqdm(total=num_steps, disable=not progress, desc="compiling proposal", unit="step")
+        done, since_validation = 0, 0
+        postfix = {}
+        while done < num_steps:
+            active = min(cfg.steps_per_call, num_steps - done)
+            self.state, info = self._multi_step(self.state, active)
+            loss = np.asarray(info.loss)[:active]
+            skipped = np.asarray(info.skipped)[:active]
+            self.history["loss"].extend(loss.tolist())
+            self.history["skipped"].extend(np.flatnonzero(skipped) + self.step - active)
+            done += active
+            since_validation += active
+            if since_validation >= cfg.validation_every or done == num_steps:
+                since_validation = 0
+                self.history["validation_step"].append(self.step)
+                self.history["validation_loss"].append(self.validation_loss())
+                postfix["val"] = f"{self.history['validation_loss'][-1]:.3f}"
+            finite = loss[np.isfinite(loss)]
+            postfix["loss"] = f"{finite.mean():.3f}" if finite.size else "nan"
+            if skipped.any():
+                postfix["skipped"] = len(self.history["skipped"])
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(active)
+        bar.close()
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    def _check_observations(self, observations: Mapping[str, Any]) -> tuple[dict[str, jax.Array], tuple]:
+        expected = {o.name: o for o in self.spec.observed}
+        unknown = set(observations) - set(expected)
+        if unknown:
+            raise ObservationError(f"{sorted(unknown)} are not observed sites of this proposal; "
+                                   f"its observed sites are {sorted(expected)}.")
+        missing = set(expected) - set(observations)
+        if missing:
+            raise ObservationError(f"no observation given for {sorted(missing)}; pass a value for every observed "
+                                   f"site: {sorted(expected)}.")
+        out, batch_shapes = {}, {}
+        for name, site in expected.items():
+            value = jnp.asarray(observations[name], jnp.float32)
+            if value.shape == site.shape:
+                batch_shapes[name] = ()
+            elif value.ndim == len(site.shape) + 1 and value.shape[1:] == site.shape:
+                batch_shapes[name] = value.shape[:1]
+            else:
+                raise ObservationError(
+                    f"observation of site '{name}' has shape {value.shape}; expected {site.shape} for one "
+                    f"observation or (n, {', '.join(map(str, site.shape))}) for a batch of n.")
+            out[name] = value
+        if len(set(batch_shapes.values())) > 1:
+            raise ObservationError(f"observed sites disagree on the batch of observations: {batch_shapes}.")
+        return out, next(iter(batch_shapes.values()))
+
+    def _sampler(self, num_samples: int, batched: bool) -> Callable:
+        if (num_samples, batched) not in self._samplers:
+            def run(params, statistics, key, observations):
+                network = nnx.merge(self.graphdef, params, statistics)
+                return importance_sample(network, self.spec, self._bound, key, observations, num_samples)
+
+            if batched:
+                single = run
+                run = lambda p, s, key, obs: jax.vmap(
+                    lambda k, o: single(p, s, k, o))(jax.random.split(key, jax.tree.leaves(obs)[0].shape[0]), obs)
+            self._samplers[(num_samples, batched)] = jax.jit(run)
+        return self._samplers[(num_samples, batched)]
+
+    def posterior(self, key: jax.Array, observations: Mapping[str, Any], num_samples: int = 1000) -> Posterior:
+        """Importance-sampling posterior for one observation set, or for a batch of them at once.
+
+        Give each observed site either its own shape or a leading batch axis of n
+        observations: the result then has ``batch_shape == (n,)``.
+        """
+        observations, batch_shape = self._check_observations(observations)
+        result = self._sampler(int(num_samples), bool(batch_shape))(
+            self.state.params, self.statistics, key, observations)
+        return Posterior(result.samples, result.log_weights, result.log_joint, result.log_proposal)
+
+    # ------------------------------------------------------------------------------------------
+    def _arrays(self) -> list[jax.Array]:
+        return jax.tree.leaves(self.state._replace(key=jax.random.key_data(self.state.key)))
+
+    def _restore_arrays(self, arrays: list) -> None:
+        treedef = jax.tree.structure(self.state._replace(key=jax.random.key_data(self.state.key)))
+        state = jax.tree.unflatten(treedef, [jnp.asarray(a) for a in arrays])
+        self.state = state._replace(key=jax.random.wrap_key_data(state.key))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write network, optimizer state, step, PRNG key, trace spec and configuration (atomically)."""
+        network_name = {v: k for k, v in NETWORKS.items()}[type(self.network_config)]
+        metadata = {
+            "trace_spec": self.spec.to_json(),
+            "network": {"type": network_name, "config": dataclasses.asdict(self.network_config)},
+            "train_config": dataclasses.asdict(self.train_config),
+            "compile_key": np.asarray(jax.random.key_data(self.compile_key)).tolist(),
+            "history": {k: [float(x) for x in v] for k, v in self.history.items()},
+        }
+        checkpoint.write_checkpoint(path, self._arrays(), metadata)
+
+
+def _build(model, model_args, model_kwargs, observed, key, network_config, train_config: TrainConfig,
+           optimizer, observation_embedders) -> CompiledModel:
+    bound = _bind(model, model_args, model_kwargs)
+    spec = derive_trace_spec(bound, observed)
+    init_key, stats_key, validation_key, train_key = jax.random.split(key, 4)
+    draw = jax.jit(lambda k, n: sample_joint(spec, bound, k, n), static_argnums=1)
+    tokens, observations = draw(stats_key, train_config.statistics_size)
+    heads = [head_for_site(s, network_config.num_components) for s in spec.latents]
+    stats = proposal_statistics(spec, heads, tokens, observations)
+    network = network_config.build(spec, stats, nnx.Rngs(init_key), observation_embedders)
+    validation = draw(validation_key, train_config.validation_size)
+    if optimizer is None:
+        optimizer = training.default_optimizer(train_config.num_steps, train_config.learning_rate)
+    compiled = CompiledModel(model, model_args, model_kwargs, spec, network_config, train_config, network,
+                             optimizer, train_key, validation)
+    compiled.compile_key = key
+    return compiled
+
+
+def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps: int = 2000, *,
+            model_args: Sequence = (), model_kwargs: Mapping | None = None,
+            network: TransformerConfig | None = None, optimizer: optax.GradientTransformation | None = None,
+            batch_size: int = 64, learning_rate: float = 3e-3, validation_size: int = 1024,
+            observation_embedders: Mapping[str, nnx.Module] | None = None,
+            progress: bool = True) -> CompiledModel:
+    """Compile an amortized proposal for a NumPyro model by inference compilation.
+
+    Args:
+        model: a plain generative NumPyro model.
+        observed: names of the sites that will be observed (simulated during training).
+        key: PRNG key for initialisation, statistics, validation set and training.
+        num_steps: optimisation steps (each draws ``batch_size`` fresh joint traces).
+        model_args, model_kwargs: fixed arguments of the model.
+        network: network configuration (default :class:`jaxic.networks.TransformerConfig`).
+        optimizer: an optax optimizer (default AdamW, warm-up and cosine decay). Non-finite
+            steps are always skipped and counted in ``history["skipped"]``.
+        observation_embedders: per observed site, an ``nnx.Module`` mapping the observation to a
+            ``(d_model,)`` vector (default: an MLP on the normalised, flattened value).
+
+    Example:
+        >>> compiled = jaxic.compile(model, observed=["obs"], key=jax.random.key(0), num_steps=3000,
+        ...                          model_kwargs={"M": 20})
+        >>> compiled.posterior(jax.random.key(1), {"obs": 25.0}, num_samples=10_000).ess
+    """
+    if isinstance(observed, str):
+        observed = [observed]
+    if num_steps < 0:
+        raise JaxicError(f"num_steps must be >= 0, got {num_steps}.")
+    network = TransformerConfig() if network is None else network
+    train_config = TrainConfig(num_steps=num_steps, batch_size=batch_size, learning_rate=learning_rate,
+                               validation_size=validation_size, custom_optimizer=optimizer is not None,
+                               validation_every=max(TrainConfig.steps_per_call, num_steps // 20))
+    compiled = _build(model, model_args, model_kwargs, observed, key, network, train_config, optimizer,
+                      observation_embedders)
+    return compiled.train(num_steps, progress=progress)
+
+
+def load(path: str | os.PathLike, model: Callable, *, model_args: Sequence = (), model_kwargs: Mapping | None = None,
+         optimizer: optax.GradientTransformation | None = None,
+         observation_embedders: Mapping[str, nnx.Module] | None = None) -> CompiledModel:
+    """Load a proposal saved with :meth:`CompiledModel.save` for ``model``.
+
+    The model's trace spec must match the saved one; training continues exactly as
+    the uninterrupted run would have.
+
+    Example:
+        >>> compiled = jaxic.load("proposal_ckpt/", model, model_kwargs={"M": 20})
+    """
+    metadata = checkpoint.read_metadata(path)
+    saved_spec = TraceSpec.from_json(metadata["trace_spec"])
+    observed = [o.name for o in saved_spec.observed]
+    try:
+        spec = derive_trace_spec(_bind(model, model_args, model_kwargs), observed)
+    except ObservationError as exc:
+        raise CheckpointError(f"checkpoint '{path}' does not fit this model: {exc}") from None
+    difference = saved_spec.describe_difference(spec)
+    if difference:
+        raise CheckpointError(f"checkpoint '{path}' was written for a different model:\n{difference}\n"
+                              "Pass the same model and model_args/model_kwargs it was compiled with.")
+    network_meta = metadata["network"]
+    if network_meta["type"] not in NETWORKS:
+        raise CheckpointError(f"checkpoint '{path}' uses network '{network_meta['type']}', unknown to this jaxic.")
+    network_config = NETWORKS[network_meta["type"]](**network_meta["config"])
+    train_config = TrainConfig(**metadata["train_config"])
+    if train_config.custom_optimizer and optimizer is None:
+        raise CheckpointError(f"checkpoint '{path}' was trained with a custom optimizer; pass the same "
+                              "optimizer to jaxic.load(..., optimizer=...) to restore its state.")
+    # Rebuild with the original key (same validation set); statistics are restored, so few traces suffice.
+    compile_key = jax.random.wrap_key_data(jnp.asarray(metadata["compile_key"], jnp.uint32))
+    compiled = _build(model, model_args, model_kwargs, observed, compile_key, network_config,
+                      dataclasses.replace(train_config, statistics_size=16), optimizer, observation_embedders)
+    compiled.train_config = train_config
+    compiled._restore_arrays(checkpoint.read_arrays(path, compiled._arrays()))
+    compiled.history = {k: list(v) for k, v in metadata["history"].items()}
+    return compiled

@@ -1,0 +1,28 @@
+"""One exception hierarchy for everything jaxic reports to users.
+
+Every message names the site, argument or file at fault and says how to fix it.
+"""
+
+
+class JaxicError(Exception):
+    """Base class of every error jaxic raises on bad input."""
+
+
+class ModelError(JaxicError):
+    """The model cannot be compiled as written (no latent sites, bad site, ...)."""
+
+
+class UntraceableModelError(ModelError):
+    """The model cannot run under ``jax.jit`` (Python control flow on sampled values)."""
+
+
+class ObservationError(JaxicError):
+    """An observed site or an observation value does not fit the model."""
+
+
+class UnsupportedDistributionError(JaxicError):
+    """A latent site has a distribution for which no proposal head exists yet."""
+
+
+class CheckpointError(JaxicError):
+    """A checkpoint is missing, incomplete, or written for another model."""

@@ -1,0 +1,127 @@
+"""Weighted posterior samples with the summaries users ask for."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import logsumexp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Posterior:
+    """Importance-weighted samples. Leading axes: ``batch_shape`` (one per observation
+    set, empty for a single one), then particles.
+
+    Example:
+        >>> post = compiled.posterior(key, {"obs": 25.0}, num_samples=10_000)
+        >>> post.ess, post.log_evidence, post.mean("x"), post.quantile("x", [0.05, 0.95])
+        >>> draws = post.resample(key, 1000)["x"]      # unweighted draws
+    """
+
+    samples: dict[str, jax.Array]
+    log_weights: jax.Array
+    log_joint: jax.Array
+    log_proposal: jax.Array
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return self.log_weights.shape[:-1]
+
+    @property
+    def num_samples(self) -> int:
+        return self.log_weights.shape[-1]
+
+    @property
+    def weights(self) -> jax.Array:
+        """Normalised importance weights (sum to one over particles)."""
+        return jnp.exp(self.log_weights - logsumexp(self.log_weights, axis=-1, keepdims=True))
+
+    @property
+    def ess(self) -> jax.Array:
+        """Kish effective sample size, ``1 / sum w_i^2``."""
+        return 1.0 / jnp.sum(self.weights**2, axis=-1)
+
+    @property
+    def log_evidence(self) -> jax.Array:
+        """Estimate of ``log p(y)``: log of the mean unnormalised weight."""
+        return logsumexp(self.log_weights, axis=-1) - jnp.log(self.num_samples)
+
+    def _weights_for(self, name: str) -> tuple[jax.Array, jax.Array]:
+        if name not in self.samples:
+            raise KeyError(f"no latent site '{name}'; sites are {sorted(self.samples)}")
+        x = self.samples[name]
+        extra = x.ndim - self.log_weights.ndim
+        return x, self.weights.reshape(self.weights.shape + (1,) * extra)
+
+    def mean(self, name: str) -> jax.Array:
+        """Posterior mean of a site (per observation set)."""
+        x, w = self._weights_for(name)
+        return jnp.sum(w * x, axis=len(self.batch_shape))
+
+    def std(self, name: str) -> jax.Array:
+        """Posterior standard deviation of a site."""
+        x, w = self._weights_for(name)
+        axis = len(self.batch_shape)
+        mean = jnp.sum(w * x, axis=axis, keepdims=True)
+        return jnp.sqrt(jnp.sum(w * (x - mean) ** 2, axis=axis))
+
+    def quantile(self, name: str, q: float | Sequence[float]) -> jax.Array:
+        """Weighted quantiles of a site; ``q`` becomes the leading axis when it is a sequence."""
+        x, w = self._weights_for(name)
+        axis = len(self.batch_shape)
+        qs = jnp.atleast_1d(jnp.asarray(q, jnp.float32))
+        w = jnp.broadcast_to(w, x.shape)
+        order = jnp.argsort(x, axis=axis)
+        xs = jnp.take_along_axis(x, order, axis)
+        cw = jnp.cumsum(jnp.take_along_axis(w, order, axis), axis=axis)
+        cw = jnp.moveaxis(cw, axis, -1)
+        xs = jnp.moveaxis(xs, axis, -1)
+        # Midpoint rule: each sample sits at the middle of its weight interval.
+        mid = cw - 0.5 * jnp.moveaxis(jnp.take_along_axis(w, order, axis), axis, -1)
+        interp = jnp.vectorize(lambda c, v, p: jnp.interp(p, c, v), signature="(n),(n),()->()")
+        out = jnp.stack([interp(mid, xs, p) for p in qs])
+        return out if np.ndim(q) else out[0]
+
+    def resample(self, key: jax.Array, num: int) -> dict[str, jax.Array]:
+        """``num`` unweighted draws per observation set (multinomial resampling)."""
+        flat_lw = self.log_weights.reshape(-1, self.num_samples)
+        keys = jax.random.split(key, flat_lw.shape[0])
+        index = jax.vmap(lambda k, lw: jax.random.categorical(k, lw, shape=(num,)))(keys, flat_lw)
+        index = index.reshape(self.batch_shape + (num,))
+        axis = len(self.batch_shape)
+
+        def take(x):
+            idx = index.reshape(index.shape + (1,) * (x.ndim - index.ndim))
+            return jnp.take_along_axis(x, idx, axis=axis)
+
+        return {name: take(x) for name, x in self.samples.items()}
+
+    def summary(self, sites: Sequence[str] | None = None, max_elements: int = 6) -> str:
+        """A printable table: mean, sd and 5/50/95% quantiles per site, with ESS and evidence."""
+        sites = list(self.samples) if sites is None else list(sites)
+        lines = []
+        for b in np.ndindex(*self.batch_shape):
+            pick = lambda a: np.asarray(a)[b] if b else np.asarray(a)
+            header = f"observation set {b[0]}: " if b else ""
+            lines.append(f"{header}ESS {float(pick(self.ess)):.1f} of {self.num_samples} "
+                         f"({100 * float(pick(self.ess)) / self.num_samples:.1f}%), "
+                         f"log evidence {float(pick(self.log_evidence)):.3f}")
+            lines.append(f"{'site':>16} {'mean':>9} {'sd':>9} {'5%':>9} {'50%':>9} {'95%':>9}")
+            for name in sites:
+                mean, sd = pick(self.mean(name)), pick(self.std(name))
+                quant = np.asarray(self.quantile(name, [0.05, 0.5, 0.95]))
+                quant = quant[(slice(None),) + b] if b else quant
+                flat = [(mean.reshape(-1), sd.reshape(-1), quant.reshape(3, -1))]
+                for m, s, qq in flat:
+                    for i in range(min(m.size, max_elements)):
+                        label = name if m.size == 1 else f"{name}[{i}]"
+                        lines.append(f"{label:>16} {m[i]:9.3f} {s[i]:9.3f} {qq[0, i]:9.3f} {qq[1, i]:9.3f} "
+                                     f"{qq[2, i]:9.3f}")
+                    if m.size > max_elements:
+                        lines.append(f"{'':>16} ... {m.size - max_elements} more elements")
+        return "\n".join(lines)

@@ -1,0 +1,158 @@
+"""Parts every proposal network shares: site embeddings, observation embeddings,
+per-site standardisation and the proposal heads.
+
+A concrete network (the transformer, later baselines) only decides how the context
+``h_t`` that predicts token ``t`` is computed from the observations and ``x_<t``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxic.heads import ProposalHead, head_for_site
+from jaxic.tracing import TraceSpec, Tokens
+
+
+class Statistic(nnx.Variable):
+    """Non-trainable moments of the joint samples (saved with the network, never optimised)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProposalStatistics:
+    """Moments of joint samples used to standardise inputs and start heads at the prior."""
+
+    value_loc: jax.Array  # (A, D) per address
+    value_scale: jax.Array  # (A, D)
+    base_params: jax.Array  # (A, P_max)
+    obs_loc: dict[str, jax.Array]  # flattened observation moments per observed site
+    obs_scale: dict[str, jax.Array]
+
+
+def proposal_statistics(spec: TraceSpec, heads: list[ProposalHead], tokens: Tokens,
+                        observations: Mapping[str, jax.Array]) -> ProposalStatistics:
+    """Per-site moments of a batch of joint samples (``tokens`` with a leading batch axis)."""
+    width = spec.value_dim
+    max_params = max(h.num_params for h in heads)
+    locs, scales, bases = [], [], []
+    for site, head in zip(spec.latents, heads):
+        span = slice(site.offset, site.offset + site.num_tokens)
+        values = tokens.value[:, span].reshape(-1, width)
+        mask = tokens.mask[:, span].reshape(-1)
+        loc, scale, base = head.statistics(values, mask)
+        locs.append(loc)
+        scales.append(scale)
+        bases.append(jnp.pad(base, (0, max_params - base.shape[0])))
+    obs_loc, obs_scale = {}, {}
+    for o in spec.observed:
+        flat = observations[o.name].reshape(observations[o.name].shape[0], -1)
+        std = flat.std(0)
+        obs_loc[o.name] = flat.mean(0)
+        obs_scale[o.name] = jnp.where(std > 1e-6, std, 1.0)
+    return ProposalStatistics(jnp.stack(locs), jnp.stack(scales), jnp.stack(bases), obs_loc, obs_scale)
+
+
+class ObservationMLP(nnx.Module):
+    """Default observation embedder: normalise, flatten, two-layer MLP to one token.
+
+    Any ``nnx.Module`` mapping one observation (the site's shape) to a ``(d_model,)``
+    vector can replace it per site, e.g. a CNN for images.
+    """
+
+    def __init__(self, size: int, d_model: int, hidden: int, loc, scale, *, rngs: nnx.Rngs):
+        self.loc = Statistic(jnp.asarray(loc))
+        self.scale = Statistic(jnp.asarray(scale))
+        self.hidden = nnx.Linear(size, hidden, rngs=rngs)
+        self.out = nnx.Linear(hidden, d_model, rngs=rngs)
+
+    def __call__(self, y):
+        z = (y.reshape(-1) - self.loc[...]) / self.scale[...]
+        return self.out(jax.nn.gelu(self.hidden(z)))
+
+
+class ProposalNetworkBase(nnx.Module):
+    """Embeddings, standardisation and heads shared by all proposal networks."""
+
+    def __init__(self, spec: TraceSpec, stats: ProposalStatistics, d_model: int, num_components: int,
+                 obs_hidden: int, observation_embedders: Mapping[str, nnx.Module] | None, *, rngs: nnx.Rngs):
+        heads = [head_for_site(s, num_components) for s in spec.latents]
+        groups = list(dict.fromkeys(heads))
+        self.spec = spec
+        self.width = spec.value_dim
+        self.num_observed = len(spec.observed)
+        self.groups = tuple(groups)
+        self.group_of_address = tuple(groups.index(h) for h in heads)
+        self.feature_width = max(h.feature_dim for h in groups)
+
+        self.value_loc = Statistic(stats.value_loc)
+        self.value_scale = Statistic(stats.value_scale)
+        self.base_params = Statistic(stats.base_params)
+
+        custom = dict(observation_embedders or {})
+        self.observation_embedders = nnx.List([
+            custom.pop(o.name) if o.name in custom else
+            ObservationMLP(o.size, d_model, obs_hidden, stats.obs_loc[o.name], stats.obs_scale[o.name], rngs=rngs)
+            for o in spec.observed
+        ])
+        # Plain tables indexed with scalars (nnx.Embed mis-broadcasts scalar ids for one-row tables).
+        table = lambda *shape: nnx.Param(0.02 * jax.random.normal(rngs.params(), shape))
+        self.observed_site_embed = table(self.num_observed, d_model)
+        self.bos = table(d_model)
+        self.address_embed = table(len(spec.latents), d_model)
+        self.instance_embed = table(spec.max_instances, d_model)
+        self.type_embed = table(len(spec.dist_types), d_model)
+        self.value_embed = nnx.Linear(self.feature_width, d_model, rngs=rngs)
+        self.query_embed = nnx.Linear(d_model, d_model, rngs=rngs)
+        self.head_norm = nnx.LayerNorm(d_model, rngs=rngs)
+        self.head_trunk = nnx.Linear(d_model, d_model, rngs=rngs)
+        small = nnx.initializers.normal(0.01)
+        self.head_out = nnx.List([nnx.Linear(d_model, h.num_params, kernel_init=small, rngs=rngs) for h in groups])
+
+    # --- token pieces -------------------------------------------------------------------------
+    def site_embedding(self, address, instance, dist_type):
+        return self.address_embed[address] + self.instance_embed[instance] + self.type_embed[dist_type]
+
+    def standardise(self, address, value):
+        return (value - self.value_loc[...][address]) / self.value_scale[...][address]
+
+    def log_standardiser(self, address):
+        """log|d value / d z| of the standardisation (padded dims have scale 1)."""
+        return jnp.log(self.value_scale[...][address]).sum()
+
+    def _group(self, address):
+        return jnp.asarray(np.asarray(self.group_of_address, np.int32))[address]
+
+    def content(self, address, instance, dist_type, z, mask):
+        """What a latent token contributes to later tokens; values of skipped sites are hidden."""
+        features = jnp.stack([jnp.pad(h.features(z), (0, self.feature_width - h.feature_dim))
+                              for h in self.groups])[self._group(address)]
+        return self.site_embedding(address, instance, dist_type) + mask * self.value_embed(features)
+
+    def prefix(self, observations: Mapping[str, jax.Array]):
+        """Observation tokens followed by a begin-of-trace token: ``(P + 1, d)``."""
+        rows = [embed(observations[o.name]) for embed, o in zip(self.observation_embedders, self.spec.observed)]
+        obs = jnp.stack(rows) + self.observed_site_embed[...] if rows else jnp.zeros((0, self.bos.shape[0]))
+        return jnp.concatenate([obs, self.bos[...][None]])
+
+    # --- heads --------------------------------------------------------------------------------
+    def head_input(self, context, address, instance, dist_type):
+        query = self.query_embed(self.site_embedding(address, instance, dist_type))
+        return jax.nn.gelu(self.head_trunk(self.head_norm(context) + query))
+
+    def _head_params(self, head_in, address, g, head):
+        return self.head_out[g](head_in) + self.base_params[...][address, : head.num_params]
+
+    def head_log_prob(self, head_in, address, z):
+        """log q(z) in standardised space for the head of this address."""
+        lps = [h.log_prob(self._head_params(head_in, address, g, h), z) for g, h in enumerate(self.groups)]
+        return jnp.stack(lps)[self._group(address)]
+
+    def head_sample(self, key, head_in, address):
+        draws = [h.sample(key, self._head_params(head_in, address, g, h), self.width)
+                 for g, h in enumerate(self.groups)]
+        return jnp.stack(draws)[self._group(address)]

@@ -1,0 +1,119 @@
+"""Functional training core: pure ``init`` and ``step`` returning ``(state, info)``.
+
+The network is split once with ``nnx.split``; its trainable parameters travel
+through plain ``jax.jit``/``jax.grad`` and are merged back only inside the step.
+
+Example:
+    >>> graphdef, params, stats = nnx.split(network, nnx.Param, Statistic)
+    >>> optimizer = default_optimizer(num_steps=1000)
+    >>> state = init(params, stats, optimizer, jax.random.key(0))
+    >>> step = jax.jit(build_step(graphdef, ForwardKL(spec, model), optimizer, batch_size=64))
+    >>> state, info = step(state)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+# Far above any real run: non-finite steps are skipped and counted, never applied.
+_MAX_CONSECUTIVE_NONFINITE = 2**30
+
+
+class TrainState(NamedTuple):
+    params: Any  # nnx.State of nnx.Param (optimised)
+    statistics: Any  # nnx.State of everything else (moments of joint samples; not optimised)
+    opt_state: Any
+    step: jax.Array
+    key: jax.Array
+
+
+class TrainInfo(NamedTuple):
+    loss: jax.Array
+    grad_norm: jax.Array
+    skipped: jax.Array  # True where the loss or gradient was not finite and the update was dropped
+
+
+def default_optimizer(num_steps: int, learning_rate: float = 3e-3, warmup_steps: int | None = None,
+                      clip_norm: float = 1.0) -> optax.GradientTransformation:
+    """AdamW with linear warm-up and cosine decay to 5% of the peak over ``num_steps``.
+
+    ``num_steps=0`` (no planned horizon) keeps the peak rate after warm-up.
+
+    Example:
+        >>> optimizer = default_optimizer(num_steps=3000, learning_rate=1e-3)
+    """
+    if num_steps <= 0:
+        warmup = 100 if warmup_steps is None else warmup_steps
+        schedule = optax.linear_schedule(0.0, learning_rate, max(warmup, 1))
+        return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=1e-4))
+    warmup = min(200, max(num_steps // 10, 1)) if warmup_steps is None else warmup_steps
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=learning_rate, warmup_steps=warmup,
+        decay_steps=max(num_steps, warmup + 1), end_value=0.05 * learning_rate)
+    return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=1e-4))
+
+
+def guard(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Wrap an optimizer so that updates with non-finite gradients are skipped."""
+    return optax.apply_if_finite(optimizer, max_consecutive_errors=_MAX_CONSECUTIVE_NONFINITE)
+
+
+def init(params, statistics, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    """Initial training state. ``optimizer`` must be the one given to :func:`build_step`."""
+    return TrainState(params, statistics, optimizer.init(params), jnp.zeros((), jnp.int32), key)
+
+
+def build_step(graphdef, objective: Callable, optimizer: optax.GradientTransformation,
+               batch_size: int) -> Callable[[TrainState], tuple[TrainState, TrainInfo]]:
+    """One optimisation step of ``objective``; pure, so jit, scan or shard it freely.
+
+    ``optimizer`` should be wrapped with :func:`guard` (``init`` must use the same object).
+    """
+
+    def loss_fn(params, statistics, key):
+        network = nnx.merge(graphdef, params, statistics)
+        loss, _ = objective(network, key, batch_size)
+        return loss
+
+    def step(state: TrainState) -> tuple[TrainState, TrainInfo]:
+        key, step_key = jax.random.split(state.key)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, state.statistics, step_key)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        skipped = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+        # apply_if_finite already zeroes the update; also keep the old params bit-for-bit.
+        params = jax.tree.map(lambda new, old: jnp.where(skipped, old, new), params, state.params)
+        new_state = TrainState(params, state.statistics, opt_state, state.step + 1, key)
+        return new_state, TrainInfo(loss, grad_norm, skipped)
+
+    return step
+
+
+def build_multi_step(step: Callable, chunk: int) -> Callable:
+    """``chunk`` steps in one compiled call; only the first ``num_active`` are applied.
+
+    ``num_active`` is a traced argument, so a final partial chunk reuses the same compilation.
+    """
+
+    def idle(state: TrainState) -> tuple[TrainState, TrainInfo]:
+        nan = jnp.full((), jnp.nan)
+        return state, TrainInfo(nan, nan, jnp.zeros((), bool))
+
+    def multi(state: TrainState, num_active):
+        def body(state, i):
+            return jax.lax.cond(i < num_active, step, idle, state)
+
+        return jax.lax.scan(body, state, jnp.arange(chunk))
+
+    return multi
+
+
+def evaluate(loss_fn: Callable, graphdef, params, statistics, *batch) -> jax.Array:
+    """A loss (e.g. :func:`jaxic.objectives.forward_kl_loss`) on a fixed batch, such as validation traces."""
+    return loss_fn(nnx.merge(graphdef, params, statistics), *batch)

@@ -1,0 +1,87 @@
+"""Bad input gets a JaxicError that names the culprit and says how to fix it."""
+
+import jax
+import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+import pytest
+
+import jaxic
+from jaxic.models import pedagogical
+
+
+def compile_(model, observed=("obs",), **kw):
+    return jaxic.compile(model, observed=list(observed), key=jax.random.key(0), num_steps=0, progress=False, **kw)
+
+
+def test_model_without_latents():
+    def model():
+        numpyro.sample("obs", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(jaxic.ModelError, match="no latent sample sites"):
+        compile_(model)
+
+
+def test_observed_name_that_is_not_a_site():
+    with pytest.raises(jaxic.ObservationError, match=r"'ob' is not a sample site.*'obs'"):
+        compile_(pedagogical, observed=["ob"], model_kwargs={"M": 1})
+
+
+def test_site_already_observed_inside_the_model():
+    def model(data=1.0):
+        x = numpyro.sample("x", dist.Normal(0.0, 1.0))
+        numpyro.sample("obs", dist.Normal(x, 1.0), obs=data)
+
+    with pytest.raises(jaxic.ObservationError, match="already has a value inside the model"):
+        compile_(model)
+
+
+def test_distribution_without_a_head_names_site_and_support():
+    def model():
+        k = numpyro.sample("count", dist.Poisson(3.0))
+        numpyro.sample("obs", dist.Normal(k, 1.0))
+
+    with pytest.raises(jaxic.UnsupportedDistributionError, match=r"site 'count'.*IntegerNonnegative"):
+        compile_(model)
+
+
+def test_untraceable_model_explains_where_and_what_to_do():
+    def model():
+        x = numpyro.sample("x", dist.Normal(0.0, 1.0))
+        if x > 0:
+            numpyro.sample("obs", dist.Normal(x, 1.0))
+        else:
+            numpyro.sample("obs", dist.Normal(-x, 2.0))
+
+    with pytest.raises(jaxic.UntraceableModelError, match=r"test_errors.py:\d+ in model: `if x > 0:`.*jnp.where"):
+        compile_(model)
+
+
+def test_model_that_raises_is_reported_with_its_location():
+    def model():
+        numpyro.sample("x", dist.Normal(0.0, 1.0))
+        raise RuntimeError("boom")
+
+    with pytest.raises(jaxic.ModelError, match=r"RuntimeError: boom.*test_errors.py"):
+        compile_(model)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return compile_(pedagogical, model_kwargs={"M": 1})
+
+
+def test_bad_observations(compiled):
+    key = jax.random.key(0)
+    with pytest.raises(jaxic.ObservationError, match=r"site 'obs' has shape \(2, 2\); expected \(\)"):
+        compiled.posterior(key, {"obs": jnp.ones((2, 2))})
+    with pytest.raises(jaxic.ObservationError, match="no observation given for \\['obs'\\]"):
+        compiled.posterior(key, {})
+    with pytest.raises(jaxic.ObservationError, match="\\['y'\\] are not observed sites"):
+        compiled.posterior(key, {"obs": 1.0, "y": 2.0})
+
+
+def test_every_error_is_a_jaxic_error():
+    for cls in (jaxic.ModelError, jaxic.UntraceableModelError, jaxic.ObservationError,
+                jaxic.UnsupportedDistributionError, jaxic.CheckpointError):
+        assert issubclass(cls, jaxic.JaxicError)
