@@ -62,6 +62,7 @@ class CompiledModel:
 
     def __init__(self, model, model_args, model_kwargs, spec: TraceSpec, network_config, train_config: TrainConfig,
                  network, optimizer: optax.GradientTransformation, key: jax.Array, validation):
+        # ``key`` is the key given to compile: it determines the training keys and the validation set.
         self.model = model
         self.model_args = tuple(model_args)
         self.model_kwargs = dict(model_kwargs or {})
@@ -71,7 +72,8 @@ class CompiledModel:
         self.train_config = train_config
         self.graphdef, params, statistics = nnx.split(network, nnx.Param, ...)
         self.optimizer = training.guard(optimizer)
-        self.state = training.init(params, statistics, self.optimizer, key)
+        self.compile_key = key
+        self.state = training.init(params, statistics, self.optimizer, jax.random.split(key, 4)[3])
         self.validation = validation
         self.history: dict[str, list] = {"loss": [], "validation_step": [], "validation_loss": [], "skipped": []}
         objective = ForwardKL(spec, self._bound)
@@ -121,7 +123,7 @@ class CompiledModel:
             loss = np.asarray(info.loss)[:active]
             skipped = np.asarray(info.skipped)[:active]
             self.history["loss"].extend(loss.tolist())
-            self.history["skipped"].extend(np.flatnonzero(skipped) + self.step - active)
+            self.history["skipped"].extend((np.flatnonzero(skipped) + self.step - active).tolist())
             done += active
             since_validation += active
             if since_validation >= cfg.validation_every or done == num_steps:
@@ -206,7 +208,7 @@ class CompiledModel:
             "network": {"type": network_name, "config": dataclasses.asdict(self.network_config)},
             "train_config": dataclasses.asdict(self.train_config),
             "compile_key": np.asarray(jax.random.key_data(self.compile_key)).tolist(),
-            "history": {k: [float(x) for x in v] for k, v in self.history.items()},
+            "history": {k: [x if isinstance(x, int) else float(x) for x in v] for k, v in self.history.items()},
         }
         checkpoint.write_checkpoint(path, self._arrays(), metadata)
 
@@ -215,7 +217,7 @@ def _build(model, model_args, model_kwargs, observed, key, network_config, train
            optimizer, observation_embedders) -> CompiledModel:
     bound = _bind(model, model_args, model_kwargs)
     spec = derive_trace_spec(bound, observed)
-    init_key, stats_key, validation_key, train_key = jax.random.split(key, 4)
+    init_key, stats_key, validation_key, _ = jax.random.split(key, 4)  # the last one trains
     draw = jax.jit(lambda k, n: sample_joint(spec, bound, k, n), static_argnums=1)
     tokens, observations = draw(stats_key, train_config.statistics_size)
     heads = [head_for_site(s, network_config.num_components) for s in spec.latents]
@@ -224,10 +226,8 @@ def _build(model, model_args, model_kwargs, observed, key, network_config, train
     validation = draw(validation_key, train_config.validation_size)
     if optimizer is None:
         optimizer = training.default_optimizer(train_config.num_steps, train_config.learning_rate)
-    compiled = CompiledModel(model, model_args, model_kwargs, spec, network_config, train_config, network,
-                             optimizer, train_key, validation)
-    compiled.compile_key = key
-    return compiled
+    return CompiledModel(model, model_args, model_kwargs, spec, network_config, train_config, network,
+                         optimizer, key, validation)
 
 
 def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps: int = 2000, *,

@@ -140,3 +140,5 @@ def test_batched_posterior_matches_single_posteriors(gaussian):
         np.testing.assert_allclose(batch.mean("mu")[b], single.mean("mu"), atol=0.05)
         chex.assert_shape(single.samples["mu"], (3000,))
     chex.assert_shape(batch.samples["mu"], (2, 3000))
+    np.testing.assert_allclose(batch[1].mean("mu"), batch.mean("mu")[1], rtol=1e-6)
+    assert batch[1].batch_shape == ()

@@ -21,6 +21,7 @@ class Posterior:
         >>> post = compiled.posterior(key, {"obs": 25.0}, num_samples=10_000)
         >>> post.ess, post.log_evidence, post.mean("x"), post.quantile("x", [0.05, 0.95])
         >>> draws = post.resample(key, 1000)["x"]      # unweighted draws
+        >>> many = compiled.posterior(key, {"obs": jnp.array([4.0, 25.0])}); many[1].ess
     """
 
     samples: dict[str, jax.Array]
@@ -50,6 +51,12 @@ class Posterior:
     def log_evidence(self) -> jax.Array:
         """Estimate of ``log p(y)``: log of the mean unnormalised weight."""
         return logsumexp(self.log_weights, axis=-1) - jnp.log(self.num_samples)
+
+    def __getitem__(self, index) -> "Posterior":
+        """The posterior of one observation set (or a slice) of a batched posterior: ``post[1]``."""
+        if not self.batch_shape:
+            raise IndexError("this posterior is for a single observation set; there is nothing to index")
+        return jax.tree.map(lambda a: a[index], self)
 
     def _weights_for(self, name: str) -> tuple[jax.Array, jax.Array]:
         if name not in self.samples:
