@@ -94,7 +94,8 @@ def test_training_step_and_inference_compile_once():
         calls.append(1)
         pedagogical(M)
 
-    compiled = jaxic.compile(counted, observed=["obs"], key=jax.random.key(0), num_steps=60, progress=False)
+    compiled = jaxic.compile(counted, observed=["obs"], key=jax.random.key(0), num_steps=0, progress=False)
+    compiled.train(60, progress=False)
     before = len(calls)
     compiled.train(60, progress=False)  # more chunks, including a partial one
     compiled.train(7, progress=False)
