@@ -67,8 +67,12 @@ class propose(Messenger):
             state, value, log_q = self.network.decode(state, key, address, instance, dist_type, executed)
             return state, (value, log_q)
 
-        self.decode_state, (values, log_q) = jax.lax.scan(
-            decode_one, self.decode_state, (keys, jnp.arange(site.num_tokens), mask))
+        inputs = (keys, jnp.arange(site.num_tokens), mask)
+        if site.num_tokens == 1:  # a length-one scan only adds a loop for XLA to compile
+            self.decode_state, outputs = decode_one(self.decode_state, jax.tree.map(lambda a: a[0], inputs))
+            values, log_q = jax.tree.map(lambda a: a[None], outputs)
+        else:
+            self.decode_state, (values, log_q) = jax.lax.scan(decode_one, self.decode_state, inputs)
         value = from_tokens(site, msg["fn"], values)
         _, log_det = as_tokens(site, msg["fn"], value, values.shape[1])
         self.log_q = self.log_q + jnp.sum(jnp.where(mask, log_q - log_det, 0.0))
