@@ -120,15 +120,13 @@ class Posterior:
                          f"log evidence {float(pick(self.log_evidence)):.3f}")
             lines.append(f"{'site':>16} {'mean':>9} {'sd':>9} {'5%':>9} {'50%':>9} {'95%':>9}")
             for name in sites:
-                mean, sd = pick(self.mean(name)), pick(self.std(name))
+                mean, sd = pick(self.mean(name)).reshape(-1), pick(self.std(name)).reshape(-1)
                 quant = np.asarray(self.quantile(name, [0.05, 0.5, 0.95]))
-                quant = quant[(slice(None),) + b] if b else quant
-                flat = [(mean.reshape(-1), sd.reshape(-1), quant.reshape(3, -1))]
-                for m, s, qq in flat:
-                    for i in range(min(m.size, max_elements)):
-                        label = name if m.size == 1 else f"{name}[{i}]"
-                        lines.append(f"{label:>16} {m[i]:9.3f} {s[i]:9.3f} {qq[0, i]:9.3f} {qq[1, i]:9.3f} "
-                                     f"{qq[2, i]:9.3f}")
-                    if m.size > max_elements:
-                        lines.append(f"{'':>16} ... {m.size - max_elements} more elements")
+                quant = (quant[(slice(None),) + b] if b else quant).reshape(3, -1)
+                for i in range(min(mean.size, max_elements)):
+                    label = name if mean.size == 1 else f"{name}[{i}]"
+                    lines.append(f"{label:>16} {mean[i]:9.3f} {sd[i]:9.3f} {quant[0, i]:9.3f} {quant[1, i]:9.3f} "
+                                 f"{quant[2, i]:9.3f}")
+                if mean.size > max_elements:
+                    lines.append(f"{'':>16} ... {mean.size - max_elements} more elements")
         return "\n".join(lines)
