@@ -6,15 +6,18 @@ Example:
     >>> print(post.summary())
 """
 
+from jaxic import control_flow
 from jaxic.api import CompiledModel, TrainConfig, compile, load
+from jaxic.control_flow import bounded_while, rejection_sample
 from jaxic.errors import (CheckpointError, JaxicError, ModelError, ObservationError, UnsupportedDistributionError,
                           UntraceableModelError)
 from jaxic.inference import Posterior, importance_sample
 from jaxic.networks import TransformerConfig
-from jaxic.tracing import TraceSpec, derive_trace_spec, sample_joint
+from jaxic.tracing import TraceDataset, TraceSpec, TraceWriter, derive_trace_spec, sample_joint, write_traces
 
 __version__ = "0.1.0"
 
-__all__ = ["CompiledModel", "TrainConfig", "compile", "load", "CheckpointError", "JaxicError", "ModelError",
+__all__ = ["control_flow", "bounded_while", "rejection_sample", "TraceDataset", "TraceWriter", "write_traces",
+           "CompiledModel", "TrainConfig", "compile", "load", "CheckpointError", "JaxicError", "ModelError",
            "ObservationError", "UnsupportedDistributionError", "UntraceableModelError", "Posterior",
            "importance_sample", "TransformerConfig", "TraceSpec", "derive_trace_spec", "sample_joint"]

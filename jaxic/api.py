@@ -20,12 +20,14 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxic import checkpoint, training
-from jaxic.errors import CheckpointError, JaxicError, ObservationError
+from jaxic.errors import CheckpointError, JaxicError, ModelError, ObservationError, UntraceableModelError
 from jaxic.heads import head_for_site
 from jaxic.inference import Posterior, importance_sample
+from jaxic.inference.importance import EagerDecoder, importance_sample_eager
 from jaxic.networks import Statistic, TransformerConfig, proposal_statistics
 from jaxic.objectives import ForwardKL, forward_kl_loss
-from jaxic.tracing import TraceSpec, derive_trace_spec, sample_joint
+from jaxic.tracing import (TraceDataset, TraceSpec, derive_trace_spec, derive_universal_spec, sample_joint,
+                           sample_universal)
 
 NETWORKS = {"transformer": TransformerConfig}
 
@@ -61,7 +63,8 @@ class CompiledModel:
     """
 
     def __init__(self, model, model_args, model_kwargs, spec: TraceSpec, network_config, train_config: TrainConfig,
-                 network, optimizer: optax.GradientTransformation, key: jax.Array, validation):
+                 network, optimizer: optax.GradientTransformation, key: jax.Array, validation,
+                 dataset: TraceDataset | None = None):
         # ``key`` is the key given to compile: it determines the training keys and the validation set.
         self.model = model
         self.model_args = tuple(model_args)
@@ -76,11 +79,25 @@ class CompiledModel:
         self.state = training.init(params, statistics, self.optimizer, jax.random.split(key, 4)[3])
         self.validation = validation
         self.history: dict[str, list] = {"loss": [], "validation_step": [], "validation_loss": [], "skipped": []}
-        objective = ForwardKL(spec, self._bound)
-        step = training.build_step(self.graphdef, objective, self.optimizer, train_config.batch_size)
-        self._multi_step = jax.jit(training.build_multi_step(step, train_config.steps_per_call))
+        self.dataset = dataset
+        self._batches = None
+        if self.path == "masked":
+            objective = ForwardKL(spec, self._bound)
+            step = training.build_step(self.graphdef, objective, self.optimizer, train_config.batch_size)
+            self._multi_step = jax.jit(training.build_multi_step(step, train_config.steps_per_call))
+        else:
+            self._batch_step = jax.jit(training.build_batch_step(self.graphdef, forward_kl_loss, self.optimizer))
         self._validate = jax.jit(functools.partial(training.evaluate, forward_kl_loss, self.graphdef))
         self._samplers: dict[tuple[int, bool], Callable] = {}
+        self._eager_decoder = EagerDecoder(self.graphdef, spec) if spec.dynamic else None
+
+    @property
+    def path(self) -> str:
+        """How traces reach training: ``"masked"`` (jitted, vmapped model runs), ``"universal"``
+        (eager model runs, for Python control flow) or ``"dataset"`` (an offline trace dataset)."""
+        if self.dataset is not None:
+            return "dataset"
+        return "universal" if self.spec.dynamic else "masked"
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -114,14 +131,13 @@ class CompiledModel:
             warnings.warn(f"training to step {self.step + num_steps}, past the {horizon} steps the learning-rate "
                           "schedule was built for: the rate stays at 5% of its peak from there on. Compile with "
                           "the total num_steps (or num_steps=0 for a constant rate) to avoid this.", stacklevel=2)
-        bar = tqdm(total=num_steps, disable=not progress, desc="compiling proposal", unit="step")
+        desc = "compiling proposal" + ("" if self.path == "masked" else f" ({self.path} path)")
+        bar = tqdm(total=num_steps, disable=not progress, desc=desc, unit="step")
         done, since_validation = 0, 0
         postfix = {}
         while done < num_steps:
             active = min(cfg.steps_per_call, num_steps - done)
-            self.state, info = self._multi_step(self.state, active)
-            loss = np.asarray(info.loss)[:active]
-            skipped = np.asarray(info.skipped)[:active]
+            loss, skipped = self._run_steps(active)
             self.history["loss"].extend(loss.tolist())
             self.history["skipped"].extend((np.flatnonzero(skipped) + self.step - active).tolist())
             done += active
@@ -139,6 +155,26 @@ class CompiledModel:
             bar.update(active)
         bar.close()
         return self
+
+    def _next_batch(self):
+        if self.dataset is not None:
+            if self._batches is None:
+                self._batches = self.dataset.batches(jax.random.fold_in(self.state.key, 1), self.train_config.batch_size)
+            return next(self._batches)
+        # Derived from the state's key, so a resumed run draws the same traces.
+        return sample_universal(self.spec, self._bound, jax.random.fold_in(self.state.key, 1),
+                                self.train_config.batch_size)
+
+    def _run_steps(self, active: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.path == "masked":
+            self.state, info = self._multi_step(self.state, active)
+            return np.asarray(info.loss)[:active], np.asarray(info.skipped)[:active]
+        losses, skipped = [], []
+        for _ in range(active):
+            self.state, info = self._batch_step(self.state, *self._next_batch())
+            losses.append(float(info.loss))
+            skipped.append(bool(info.skipped))
+        return np.asarray(losses), np.asarray(skipped)
 
     # ------------------------------------------------------------------------------------------
     def _check_observations(self, observations: Mapping[str, Any]) -> tuple[dict[str, jax.Array], tuple]:
@@ -187,9 +223,22 @@ class CompiledModel:
         observations: the result then has ``batch_shape == (n,)``.
         """
         observations, batch_shape = self._check_observations(observations)
+        if self.spec.dynamic:
+            return self._posterior_eager(key, observations, batch_shape, int(num_samples))
         result = self._sampler(int(num_samples), bool(batch_shape))(
             self.state.params, self.statistics, key, observations)
-        return Posterior(result.samples, result.log_weights, result.log_joint, result.log_proposal)
+        return Posterior(*result)
+
+    def _posterior_eager(self, key, observations, batch_shape, num_samples) -> Posterior:
+        """Universal path: the model runs eagerly per particle (a Python loop the model's own
+        control flow requires); the proposal's decoding is compiled."""
+        run = lambda k, obs: importance_sample_eager(self._eager_decoder, self.state.params, self.statistics,
+                                                     self._bound, k, obs, num_samples)
+        if not batch_shape:
+            return Posterior(*run(key, observations))
+        keys = jax.random.split(key, batch_shape[0])
+        results = [run(keys[i], {k: v[i] for k, v in observations.items()}) for i in range(batch_shape[0])]
+        return Posterior(*jax.tree.map(lambda *xs: jnp.stack(xs), *results))
 
     # ------------------------------------------------------------------------------------------
     def _arrays(self) -> list[jax.Array]:
@@ -213,21 +262,53 @@ class CompiledModel:
         checkpoint.write_checkpoint(path, self._arrays(), metadata)
 
 
+PATHS = ("auto", "masked", "universal")
+
+
+def _derive_spec(bound, observed, path: str, key, pilot_traces: int, max_tokens: int | None) -> TraceSpec:
+    if path not in PATHS:
+        raise JaxicError(f"path must be one of {PATHS}, got {path!r}.")
+    if path == "universal":
+        return derive_universal_spec(bound, observed, key, pilot_traces, max_tokens)
+    try:
+        return derive_trace_spec(bound, observed)
+    except UntraceableModelError as exc:
+        if path == "masked":
+            raise
+        message = str(exc).split(". This happens")[0]
+        warnings.warn(f"jaxic: {message}. Using the universal path: the model runs eagerly (one trace per "
+                      "call) while the proposal still trains batched and jitted. For speed, rewrite the "
+                      "control flow with handlers.mask / cond / scan (see jaxic.control_flow).", stacklevel=4)
+        return derive_universal_spec(bound, observed, key, pilot_traces, max_tokens)
+
+
 def _build(model, model_args, model_kwargs, observed, key, network_config, train_config: TrainConfig,
-           optimizer, observation_embedders) -> CompiledModel:
+           optimizer, observation_embedders, path: str = "auto", dataset: TraceDataset | None = None,
+           spec: TraceSpec | None = None, pilot_traces: int = 256, max_tokens: int | None = None) -> CompiledModel:
     bound = _bind(model, model_args, model_kwargs)
-    spec = derive_trace_spec(bound, observed)
     init_key, stats_key, validation_key, _ = jax.random.split(key, 4)  # the last one trains
-    draw = jax.jit(lambda k, n: sample_joint(spec, bound, k, n), static_argnums=1)
-    tokens, observations = draw(stats_key, train_config.statistics_size)
+    if spec is None:
+        spec = dataset.spec if dataset is not None else _derive_spec(bound, observed, path, stats_key,
+                                                                     pilot_traces, max_tokens)
+    if dataset is not None:
+        validation = jax.tree.map(jnp.asarray, dataset.validation())
+        tokens, observations = validation
+    elif spec.dynamic:
+        # Eager traces are slow: moments from fewer of them are still good enough.
+        tokens, observations = sample_universal(spec, bound, stats_key, min(train_config.statistics_size, 1024))
+        validation = sample_universal(spec, bound, validation_key, train_config.validation_size)
+    else:
+        draw = jax.jit(lambda k, n: sample_joint(spec, bound, k, n), static_argnums=1)
+        tokens, observations = draw(stats_key, train_config.statistics_size)
+        validation = draw(validation_key, train_config.validation_size)
     heads = [head_for_site(s, network_config.num_components) for s in spec.latents]
-    stats = proposal_statistics(spec, heads, tokens, observations)
+    stats = proposal_statistics(spec, heads, jax.tree.map(jnp.asarray, tokens),
+                                jax.tree.map(jnp.asarray, observations))
     network = network_config.build(spec, stats, nnx.Rngs(init_key), observation_embedders)
-    validation = draw(validation_key, train_config.validation_size)
     if optimizer is None:
         optimizer = training.default_optimizer(train_config.num_steps, train_config.learning_rate)
     return CompiledModel(model, model_args, model_kwargs, spec, network_config, train_config, network,
-                         optimizer, key, validation)
+                         optimizer, key, jax.tree.map(jnp.asarray, validation), dataset)
 
 
 def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps: int = 2000, *,
@@ -235,7 +316,8 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
             network: TransformerConfig | None = None, optimizer: optax.GradientTransformation | None = None,
             batch_size: int = 64, learning_rate: float = 3e-3, validation_size: int = 1024,
             observation_embedders: Mapping[str, nnx.Module] | None = None,
-            progress: bool = True) -> CompiledModel:
+            path: str = "auto", dataset: TraceDataset | str | os.PathLike | None = None,
+            pilot_traces: int = 256, max_tokens: int | None = None, progress: bool = True) -> CompiledModel:
     """Compile an amortized proposal for a NumPyro model by inference compilation.
 
     Args:
@@ -249,6 +331,14 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
             steps are always skipped and counted in ``history["skipped"]``.
         observation_embedders: per observed site, an ``nnx.Module`` mapping the observation to a
             ``(d_model,)`` vector (default: an MLP on the normalised, flattened value).
+        path: ``"masked"`` runs the model vmapped under jit (stochastic control flow written with
+            ``handlers.mask``, ``cond``, ``scan``); ``"universal"`` runs it eagerly, for Python control
+            flow on sampled values; ``"auto"`` (default) takes the masked path when the model jits
+            and says so when it falls back to the universal one.
+        dataset: train on an offline :class:`jaxic.tracing.TraceDataset` (or its folder) instead of
+            fresh joint samples; its first ``validation_size`` traces are held out.
+        pilot_traces, max_tokens: universal path only: eager runs that discover the addresses, and
+            the longest trace (in tokens) the proposal handles (default: 25% above the pilots').
 
     Example:
         >>> compiled = jaxic.compile(model, observed=["obs"], key=jax.random.key(0), num_steps=3000,
@@ -263,14 +353,17 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
     train_config = TrainConfig(num_steps=num_steps, batch_size=batch_size, learning_rate=learning_rate,
                                validation_size=validation_size, custom_optimizer=optimizer is not None,
                                validation_every=max(TrainConfig.steps_per_call, num_steps // 20))
+    if dataset is not None and not isinstance(dataset, TraceDataset):
+        dataset = TraceDataset(dataset, holdout=validation_size)
     compiled = _build(model, model_args, model_kwargs, observed, key, network, train_config, optimizer,
-                      observation_embedders)
+                      observation_embedders, path, dataset, pilot_traces=pilot_traces, max_tokens=max_tokens)
     return compiled.train(num_steps, progress=progress)
 
 
 def load(path: str | os.PathLike, model: Callable, *, model_args: Sequence = (), model_kwargs: Mapping | None = None,
          optimizer: optax.GradientTransformation | None = None,
-         observation_embedders: Mapping[str, nnx.Module] | None = None) -> CompiledModel:
+         observation_embedders: Mapping[str, nnx.Module] | None = None,
+         dataset: TraceDataset | str | os.PathLike | None = None) -> CompiledModel:
     """Load a proposal saved with :meth:`CompiledModel.save` for ``model``.
 
     The model's trace spec must match the saved one; training continues exactly as
@@ -282,9 +375,14 @@ def load(path: str | os.PathLike, model: Callable, *, model_args: Sequence = (),
     metadata = checkpoint.read_metadata(path)
     saved_spec = TraceSpec.from_json(metadata["trace_spec"])
     observed = [o.name for o in saved_spec.observed]
+    bound = _bind(model, model_args, model_kwargs)
     try:
-        spec = derive_trace_spec(_bind(model, model_args, model_kwargs), observed)
-    except ObservationError as exc:
+        if saved_spec.dynamic:  # addresses were discovered by pilot runs: check that fresh runs fit
+            spec = saved_spec
+            sample_universal(spec, bound, jax.random.key(0), 4)
+        else:
+            spec = derive_trace_spec(bound, observed)
+    except (ObservationError, ModelError) as exc:
         raise CheckpointError(f"checkpoint '{path}' does not fit this model: {exc}") from None
     difference = saved_spec.describe_difference(spec)
     if difference:
@@ -300,8 +398,11 @@ def load(path: str | os.PathLike, model: Callable, *, model_args: Sequence = (),
                               "optimizer to jaxic.load(..., optimizer=...) to restore its state.")
     # Rebuild with the original key (same validation set); statistics are restored, so few traces suffice.
     compile_key = jax.random.wrap_key_data(jnp.asarray(metadata["compile_key"], jnp.uint32))
+    if dataset is not None and not isinstance(dataset, TraceDataset):
+        dataset = TraceDataset(dataset, holdout=train_config.validation_size)
     compiled = _build(model, model_args, model_kwargs, observed, compile_key, network_config,
-                      dataclasses.replace(train_config, statistics_size=16), optimizer, observation_embedders)
+                      dataclasses.replace(train_config, statistics_size=16), optimizer, observation_embedders,
+                      dataset=dataset, spec=saved_spec if saved_spec.dynamic else None)
     compiled.train_config = train_config
     compiled._restore_arrays(checkpoint.read_arrays(path, compiled._arrays()))
     compiled.history = {k: list(v) for k, v in metadata["history"].items()}

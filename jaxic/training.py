@@ -68,6 +68,17 @@ def init(params, statistics, optimizer: optax.GradientTransformation, key: jax.A
     return TrainState(params, statistics, optimizer.init(params), jnp.zeros((), jnp.int32), key)
 
 
+def _update(optimizer, state: TrainState, loss, grads, key) -> tuple[TrainState, TrainInfo]:
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    skipped = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+    # apply_if_finite already zeroes the update; also keep the old params bit-for-bit.
+    params = jax.tree.map(lambda new, old: jnp.where(skipped, old, new), params, state.params)
+    new_state = TrainState(params, state.statistics, opt_state, state.step + 1, key)
+    return new_state, TrainInfo(loss, grad_norm, skipped)
+
+
 def build_step(graphdef, objective: Callable, optimizer: optax.GradientTransformation,
                batch_size: int) -> Callable[[TrainState], tuple[TrainState, TrainInfo]]:
     """One optimisation step of ``objective``; pure, so jit, scan or shard it freely.
@@ -83,14 +94,29 @@ def build_step(graphdef, objective: Callable, optimizer: optax.GradientTransform
     def step(state: TrainState) -> tuple[TrainState, TrainInfo]:
         key, step_key = jax.random.split(state.key)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, state.statistics, step_key)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        skipped = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
-        # apply_if_finite already zeroes the update; also keep the old params bit-for-bit.
-        params = jax.tree.map(lambda new, old: jnp.where(skipped, old, new), params, state.params)
-        new_state = TrainState(params, state.statistics, opt_state, state.step + 1, key)
-        return new_state, TrainInfo(loss, grad_norm, skipped)
+        return _update(optimizer, state, loss, grads, key)
+
+    return step
+
+
+def build_batch_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:
+    """One optimisation step on a batch given from outside: ``step(state, *batch) -> (state, info)``.
+
+    For traces that cannot be drawn inside the jitted step: eager (universal) models and
+    offline datasets. ``loss_fn(network, *batch)``, e.g. :func:`jaxic.objectives.forward_kl_loss`.
+
+    Example:
+        >>> step = jax.jit(build_batch_step(graphdef, forward_kl_loss, optimizer))
+        >>> state, info = step(state, tokens, observations)
+    """
+
+    def loss_of(params, statistics, *batch):
+        return loss_fn(nnx.merge(graphdef, params, statistics), *batch)
+
+    def step(state: TrainState, *batch) -> tuple[TrainState, TrainInfo]:
+        key, _ = jax.random.split(state.key)
+        loss, grads = jax.value_and_grad(loss_of)(state.params, state.statistics, *batch)
+        return _update(optimizer, state, loss, grads, key)
 
     return step
 

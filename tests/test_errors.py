@@ -38,10 +38,10 @@ def test_site_already_observed_inside_the_model():
 
 def test_distribution_without_a_head_names_site_and_support():
     def model():
-        k = numpyro.sample("count", dist.Poisson(3.0))
-        numpyro.sample("obs", dist.Normal(k, 1.0))
+        direction = numpyro.sample("direction", dist.ProjectedNormal(jnp.zeros(3)))
+        numpyro.sample("obs", dist.Normal(direction.sum(), 1.0))
 
-    with pytest.raises(jaxic.UnsupportedDistributionError, match=r"site 'count'.*IntegerNonnegative"):
+    with pytest.raises(jaxic.UnsupportedDistributionError, match=r"site 'direction'.*Sphere.*propose"):
         compile_(model)
 
 
@@ -54,7 +54,10 @@ def test_untraceable_model_explains_where_and_what_to_do():
             numpyro.sample("obs", dist.Normal(-x, 2.0))
 
     with pytest.raises(jaxic.UntraceableModelError, match=r"test_errors.py:\d+ in model: `if x > 0:`.*jnp.where"):
-        compile_(model)
+        compile_(model, path="masked")
+    # By default jaxic says why and takes the universal (eager) path instead of failing.
+    with pytest.warns(UserWarning, match=r"test_errors.py:\d+ in model: `if x > 0:`.*universal path"):
+        assert compile_(model).path == "universal"
 
 
 def test_model_that_raises_is_reported_with_its_location():

@@ -4,16 +4,24 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 import pytest
 
-from jaxic.heads import CategoricalHead, MixtureHead
+from jaxic.heads import CategoricalHead, IntegerMixtureHead, MixtureHead
 
 WIDTH = 3
-HEADS = [MixtureHead(1, 1), MixtureHead(1, 4), MixtureHead(2, 3), CategoricalHead(2), CategoricalHead(5)]
+HEADS = [MixtureHead(1, 1), MixtureHead(1, 4), MixtureHead(2, 3), CategoricalHead(2), CategoricalHead(5),
+         IntegerMixtureHead(1), IntegerMixtureHead(4)]
+DISCRETE = (CategoricalHead, IntegerMixtureHead)
+MAX_COUNT = 3000  # the random test parameters put all but a negligible mass below this
 
 
 def random_params(head, seed=0):
-    return 1.5 * jax.random.normal(jax.random.key(seed), (head.num_params,))
+    params = 1.5 * jax.random.normal(jax.random.key(seed), (head.num_params,))
+    if isinstance(head, IntegerMixtureHead):  # means around e^2, modest overdispersion: the grid holds the mass
+        params = params.at[head.num_components: 2 * head.num_components].add(2.0)
+        params = params.at[2 * head.num_components:].add(2.0)
+    return params
 
 
 def support_grid(head):
@@ -21,6 +29,9 @@ def support_grid(head):
     if isinstance(head, CategoricalHead):
         values = jnp.zeros((head.num_categories, WIDTH)).at[:, 0].set(jnp.arange(head.num_categories))
         return values, jnp.ones(head.num_categories)
+    if isinstance(head, IntegerMixtureHead):
+        values = jnp.zeros((MAX_COUNT, WIDTH)).at[:, 0].set(jnp.arange(MAX_COUNT))
+        return values, jnp.ones(MAX_COUNT)
     axis = jnp.linspace(-10, 10, 2001 if head.dim == 1 else 601)
     cell = (axis[1] - axis[0]) ** head.dim
     mesh = jnp.stack(jnp.meshgrid(*([axis] * head.dim), indexing="ij"), -1).reshape(-1, head.dim)
@@ -43,7 +54,7 @@ def test_sampling_matches_log_prob(head):
     values, volume = support_grid(head)
     prob = jnp.exp(jax.vmap(head.log_prob, (None, 0))(params, values)) * volume
     # First and second moments of every used coordinate agree with the density.
-    used = 1 if isinstance(head, CategoricalHead) else head.dim
+    used = 1 if isinstance(head, DISCRETE) else head.dim
     for d in range(used):
         mean = jnp.sum(prob * values[:, d])
         var = jnp.sum(prob * (values[:, d] - mean) ** 2)
@@ -70,6 +81,9 @@ def test_statistics_start_near_the_data(head):
     if isinstance(head, CategoricalHead):
         index = jax.random.categorical(key, jnp.log(jnp.arange(1.0, head.num_categories + 1)), shape=(5000,))
         values = jnp.zeros((5000, WIDTH)).at[:, 0].set(index)
+    elif isinstance(head, IntegerMixtureHead):
+        counts = dist.NegativeBinomial2(12.0, 3.0).sample(key, (5000,)).astype(jnp.float32)
+        values = jnp.zeros((5000, WIDTH)).at[:, 0].set(counts)
     else:
         values = jnp.pad(3.0 + 2.0 * jax.random.normal(key, (5000, head.dim)), ((0, 0), (0, WIDTH - head.dim)))
     loc, scale, base = head.statistics(values, jnp.ones(5000, bool))
@@ -79,7 +93,28 @@ def test_statistics_start_near_the_data(head):
     if isinstance(head, CategoricalHead):
         freq = jnp.bincount(index, length=head.num_categories) / 5000
         np.testing.assert_allclose(jnp.exp(base - jax.nn.logsumexp(base)), freq, atol=0.01)
+    elif isinstance(head, IntegerMixtureHead):
+        # The initial proposal is about as good as the true negative binomial (within 0.1 nats).
+        exact_nll = -dist.NegativeBinomial2(12.0, 3.0).log_prob(counts).mean()
+        assert -log_q.mean() < exact_nll + 0.1
     else:
         # The initial proposal is about as good as a Gaussian fit of the data (within 0.3 nats per dim).
         gaussian_nll = head.dim * (0.5 * jnp.log(2 * jnp.pi * 4.0) + 0.5)
         assert -log_q.mean() < gaussian_nll + 0.3 * head.dim
+
+
+def test_integer_head_proposes_non_negative_integers_and_handles_large_counts():
+    head = IntegerMixtureHead(4)
+    params = random_params(head, seed=5)
+    draws = jax.vmap(head.sample, (0, None, None))(jax.random.split(jax.random.key(6), 5000), params, 1)[:, 0]
+    assert jnp.all(draws >= 0) and jnp.all(draws == jnp.round(draws))
+    # Fitted to counts around 500, scores stay finite and so do their gradients.
+    counts = dist.Poisson(500.0).sample(jax.random.key(7), (2000,)).astype(jnp.float32)
+    values = jnp.zeros((2000, 1)).at[:, 0].set(counts)
+    _, _, base = head.statistics(values, jnp.ones(2000, bool))
+    log_q = jax.vmap(head.log_prob, (None, 0))(base, values)
+    assert jnp.all(jnp.isfinite(log_q)) and -log_q.mean() < -dist.Poisson(500.0).log_prob(counts).mean() + 0.1
+    grad = jax.grad(lambda p: jax.vmap(head.log_prob, (None, 0))(p, values).mean())(base)
+    assert jnp.all(jnp.isfinite(grad))
+    # Off-support inputs are rounded onto the support rather than producing NaNs.
+    np.testing.assert_allclose(head.log_prob(base, jnp.array([-3.0])), head.log_prob(base, jnp.array([0.0])))

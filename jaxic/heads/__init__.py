@@ -9,6 +9,7 @@ head sees a value, so that every head starts near the prior.
 
 from jaxic.heads.base import ProposalHead, head_for_site
 from jaxic.heads.categorical import CategoricalHead
+from jaxic.heads.integer import IntegerMixtureHead
 from jaxic.heads.mixture import MixtureHead
 
-__all__ = ["ProposalHead", "head_for_site", "CategoricalHead", "MixtureHead"]
+__all__ = ["ProposalHead", "head_for_site", "CategoricalHead", "IntegerMixtureHead", "MixtureHead"]

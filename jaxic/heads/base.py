@@ -41,16 +41,20 @@ class ProposalHead(Protocol):
 
 
 def head_for_site(site: LatentSite, num_components: int) -> ProposalHead:
-    """The default head for a site: categorical logits for finite discrete supports,
-    a Gaussian mixture in unconstrained space for continuous ones.
+    """The default head for a site: categorical logits for finite discrete supports, a
+    negative-binomial mixture for unbounded integer ones, a Gaussian mixture in
+    unconstrained space for continuous ones.
 
     Example:
         >>> head_for_site(spec.latent("x"), num_components=8)
         MixtureHead(dim=1, num_components=8)
     """
     from jaxic.heads.categorical import CategoricalHead
+    from jaxic.heads.integer import IntegerMixtureHead
     from jaxic.heads.mixture import MixtureHead
 
+    if site.is_discrete and site.num_categories == 0:  # unbounded: Poisson, Geometric, ...
+        return IntegerMixtureHead(num_components)
     if site.is_discrete:
         return CategoricalHead(site.num_categories)
     return MixtureHead(site.value_dim, num_components)

@@ -8,11 +8,16 @@ tokens from the proposal (incrementally, with a key/value cache), and accumulate
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 from numpyro import handlers
+from numpyro.contrib.control_flow.cond import cond_wrapper
+from numpyro.contrib.control_flow.scan import scan_wrapper
 from numpyro.primitives import Messenger
 
 from jaxic.errors import ModelError
@@ -27,10 +32,16 @@ class ImportanceSamples(NamedTuple):
     log_weights: jax.Array
     log_joint: jax.Array
     log_proposal: jax.Array
+    executed: dict[str, jax.Array]
 
 
 class propose(Messenger):
     """Draw every latent site from the proposal network, given the sites drawn before it.
+
+    Sites marked ``infer={"jaxic": {"propose": False}}`` are drawn from their prior
+    (their values still reach later sites through the network). Sites inside
+    ``numpyro.contrib.control_flow.scan`` and ``cond`` are decoded inside the compiled
+    loop or branch, with the cache carried through it.
 
     Example:
         >>> handler = propose(handlers.condition(model, obs), network, spec, network.init_decode(obs), key)
@@ -38,45 +49,120 @@ class propose(Messenger):
         >>> handler.log_q
     """
 
-    def __init__(self, fn, network, spec: TraceSpec, decode_state, key):
+    def __init__(self, fn, network, spec: TraceSpec, decode_state, key, step=None):
         self.network = network
         self.spec = spec
         self.decode_state = decode_state
         self.key = key
+        self.step = step  # time index when this handler runs inside one step of a scan body
         self.log_q = jnp.zeros(())
-        self._names = {s.name: a for a, s in enumerate(spec.latents)}
+        self._addresses = {s.name: a for a, s in enumerate(spec.latents)}
+        self._observed = {o.name for o in spec.observed}
+        self._num_blocks = 0
         super().__init__(fn)
 
+    # --- sample sites -------------------------------------------------------------------------
     def process_message(self, msg):
+        if msg["type"] == "control_flow":
+            if msg["fn"] is scan_wrapper:
+                self._scan(msg)
+            elif msg["fn"] is cond_wrapper:
+                self._cond(msg)
+            return
         if msg["type"] != "sample" or msg["is_observed"] or msg["value"] is not None:
             return
         name = msg["name"]
-        if name not in self._names:
+        if name in self._observed:  # inside scan, conditioning happens after this handler
+            return
+        if name not in self._addresses:
             raise ModelError(
                 f"site '{name}' ran at inference but was not seen when the trace spec was derived; "
                 "the model must reach the same sites on every run (use handlers.mask for optional sites)."
             )
-        address = self._names[name]
+        address = self._addresses[name]
         site = self.spec.latents[address]
-        dist_type = self.spec.dist_types.index(site.dist_type)
+        first_instance = 0
+        if self.step is not None:
+            first_instance = self.step * site.step_tokens
+            site = site.one_step()
         mask = site_mask(msg["fn"], site.batch_shape).reshape(-1)
-        keys = jax.random.split(jax.random.fold_in(self.key, address), site.num_tokens)
+        key = jax.random.fold_in(self.key, address)
+        width = self.spec.value_dim
+        if site.propose:
+            tokens, log_q = self._decode(address, site, key, first_instance, mask, None)
+            value = from_tokens(site, msg["fn"], tokens)
+            _, log_det = as_tokens(site, msg["fn"], value, width)
+            self.log_q = self.log_q + jnp.sum(jnp.where(mask, log_q - log_det, 0.0))
+        else:
+            prior_key, decode_key = jax.random.split(key)
+            value = msg["fn"](rng_key=prior_key, sample_shape=msg["kwargs"].get("sample_shape", ()))
+            tokens, _ = as_tokens(site, msg["fn"], value, width)
+            self._decode(address, site, decode_key, first_instance, mask, tokens)
+            # q equals the prior here, so the site's prior cancels in the weight.
+            self.log_q = self.log_q + jnp.sum(msg["fn"].log_prob(value))
+        msg["value"] = value
+
+    def _decode(self, address, site, key, first_instance, mask, given):
+        """Decode (or, with ``given`` tokens, score and append) the site's tokens one by one."""
+        dist_type = self.spec.dist_types.index(site.dist_type)
+        n = site.num_tokens
+        teacher = given is not None
 
         def decode_one(state, inputs):
-            key, instance, executed = inputs
-            state, value, log_q = self.network.decode(state, key, address, instance, dist_type, executed)
+            key, instance, executed, value = inputs
+            state, value, log_q = self.network.decode(state, key, address, instance, dist_type, executed,
+                                                      value if teacher else None)
             return state, (value, log_q)
 
-        inputs = (keys, jnp.arange(site.num_tokens), mask)
-        if site.num_tokens == 1:  # a length-one scan only adds a loop for XLA to compile
+        values = given if teacher else jnp.zeros((n, self.spec.value_dim))
+        inputs = (jax.random.split(key, n), first_instance + jnp.arange(n), mask, values)
+        if n == 1:  # a length-one scan only adds a loop for XLA to compile
             self.decode_state, outputs = decode_one(self.decode_state, jax.tree.map(lambda a: a[0], inputs))
-            values, log_q = jax.tree.map(lambda a: a[None], outputs)
-        else:
-            self.decode_state, (values, log_q) = jax.lax.scan(decode_one, self.decode_state, inputs)
-        value = from_tokens(site, msg["fn"], values)
-        _, log_det = as_tokens(site, msg["fn"], value, values.shape[1])
-        self.log_q = self.log_q + jnp.sum(jnp.where(mask, log_q - log_det, 0.0))
-        msg["value"] = value
+            return jax.tree.map(lambda a: a[None], outputs)
+        self.decode_state, outputs = jax.lax.scan(decode_one, self.decode_state, inputs)
+        return outputs
+
+    # --- control flow -------------------------------------------------------------------------
+    def _block_key(self):
+        self._num_blocks += 1
+        return jax.random.fold_in(self.key, len(self.spec.latents) + self._num_blocks)
+
+    def _scan(self, msg):
+        """Run the scan with the decode cache and ``log q`` in its carry (one compiled loop)."""
+        if self.step is not None:
+            raise ModelError("jaxic does not support a scan nested inside another scan.")
+        f, init, xs, length, reverse = msg["args"]
+        key = self._block_key()
+
+        def step_fn(carry, x):
+            user_carry, state, log_q, t = carry
+            inner = propose(f, self.network, self.spec, state, jax.random.fold_in(key, t), step=t)
+            user_carry, y = inner(user_carry, x)
+            return (user_carry, inner.decode_state, log_q + inner.log_q, t + 1), y
+
+        init = (init, self.decode_state, jnp.zeros(()), jnp.zeros((), jnp.int32))
+        (i, rng_key, carry), (pytree_trace, ys) = scan_wrapper(step_fn, init, xs, length, reverse, **msg["kwargs"])
+        user_carry, self.decode_state, log_q, _ = carry
+        self.log_q = self.log_q + log_q
+        msg["value"] = ((i, rng_key, user_carry), (pytree_trace, ys))
+
+    def _cond(self, msg):
+        """Decode inside each branch of the cond; both branches reach the same sites."""
+        pred, true_fun, false_fun, operand = msg["args"]
+        key = self._block_key()
+
+        def branch(fun):
+            def run(packed):
+                operand, state = packed
+                inner = propose(fun, self.network, self.spec, state, key, step=self.step)
+                return inner(operand), inner.decode_state, inner.log_q
+            return run
+
+        (value, state, log_q), pytree_trace = cond_wrapper(pred, branch(true_fun), branch(false_fun),
+                                                           (operand, self.decode_state), **msg["kwargs"])
+        self.decode_state = state
+        self.log_q = self.log_q + log_q
+        msg["value"] = (value, pytree_trace)
 
 
 def log_joint(trace: dict) -> jax.Array:
@@ -112,10 +198,102 @@ def importance_sample(network, spec: TraceSpec, model: Callable, key: jax.Array,
         handler = propose(conditioned, network, spec, prefix_state, proposal_key)
         trace = handlers.trace(handler).get_trace()
         samples = {s.name: trace[s.name]["value"] for s in spec.latents}
+        executed = {s.name: site_mask(trace[s.name]["fn"], s.batch_shape) for s in spec.latents}
         log_p = log_joint(trace)
-        return samples, log_p - handler.log_q, log_p, handler.log_q
+        return samples, log_p - handler.log_q, log_p, handler.log_q, executed
 
-    samples, log_w, log_p, log_q = jax.vmap(particle)(jax.random.split(key, num_particles))
+    samples, log_w, log_p, log_q, executed = jax.vmap(particle)(jax.random.split(key, num_particles))
     # A particle with a non-finite weight (e.g. outside the support) gets zero weight.
     log_w = jnp.where(jnp.isnan(log_w), -jnp.inf, log_w)
-    return ImportanceSamples(samples, log_w, log_p, log_q)
+    return ImportanceSamples(samples, log_w, log_p, log_q, executed)
+
+
+class EagerDecoder:
+    """Compiled decoding for the universal path, where the model itself runs eagerly.
+
+    One compilation per site size; the network parameters are arguments, so training
+    more does not recompile.
+
+    Example:
+        >>> decoder = EagerDecoder(graphdef, spec)
+        >>> result = importance_sample_eager(decoder, params, statistics, model, key, {"obs": 1.0}, 1000)
+    """
+
+    def __init__(self, graphdef, spec: TraceSpec):
+        self.spec = spec
+
+        @jax.jit
+        def init(params, statistics, observations):
+            return nnx.merge(graphdef, params, statistics).init_decode(observations)
+
+        @functools.partial(jax.jit, static_argnames="teacher")
+        def decode(params, statistics, state, keys, address, dist_type, instances, mask, values, teacher):
+            network = nnx.merge(graphdef, params, statistics)
+
+            def one(state, inputs):
+                key, instance, executed, value = inputs
+                state, value, log_q = network.decode(state, key, address, instance, dist_type, executed,
+                                                     value if teacher else None)
+                return state, (value, log_q)
+
+            return jax.lax.scan(one, state, (keys, instances, mask, values))
+
+        self.init, self.decode = init, decode
+
+
+class _EagerProposer(propose):
+    """:class:`propose` for an eagerly running model: each site calls the compiled decoder."""
+
+    def __init__(self, fn, decoder: EagerDecoder, params, statistics, decode_state, key):
+        super().__init__(fn, None, decoder.spec, decode_state, key)
+        self.decoder, self.params, self.statistics = decoder, params, statistics
+
+    def _decode(self, address, site, key, first_instance, mask, given):
+        n = site.num_tokens
+        teacher = given is not None
+        values = given if teacher else jnp.zeros((n, self.spec.value_dim))
+        self.decode_state, outputs = self.decoder.decode(
+            self.params, self.statistics, self.decode_state, jax.random.split(key, n), address,
+            self.spec.dist_types.index(site.dist_type), first_instance + jnp.arange(n), mask, values, teacher=teacher)
+        return outputs
+
+
+def importance_sample_eager(decoder: EagerDecoder, params, statistics, model: Callable, key: jax.Array,
+                            observations: Mapping[str, jax.Array], num_particles: int) -> ImportanceSamples:
+    """Importance sampling on the universal path: the model runs eagerly, once per particle,
+    with the compiled proposal decoding each site as the model reaches it.
+
+    Sites a particle did not reach are zero in ``samples`` and False in ``executed``.
+
+    Example:
+        >>> result = importance_sample_eager(decoder, params, statistics, model, key, {"obs": 1.0}, 1000)
+    """
+    spec = decoder.spec
+    observations = {k: jnp.asarray(v, jnp.float32) for k, v in observations.items()}
+    prefix_state = decoder.init(params, statistics, observations)
+    samples = {s.name: [] for s in spec.latents}
+    executed = {s.name: [] for s in spec.latents}
+    log_ps, log_qs = [], []
+    for particle_key in jax.random.split(key, num_particles):
+        proposal_key, model_key = jax.random.split(particle_key)
+        conditioned = handlers.condition(handlers.seed(model, model_key), data=observations)
+        handler = _EagerProposer(conditioned, decoder, params, statistics, prefix_state, proposal_key)
+        trace = handlers.trace(handler).get_trace()
+        for site in spec.latents:
+            if site.name in trace:
+                samples[site.name].append(np.asarray(trace[site.name]["value"]))
+                executed[site.name].append(np.asarray(site_mask(trace[site.name]["fn"], site.batch_shape)))
+            else:
+                samples[site.name].append(None)
+                executed[site.name].append(np.zeros(site.batch_shape, bool))
+        log_ps.append(float(log_joint(trace)))
+        log_qs.append(float(handler.log_q))
+
+    def stack(site, values):
+        example = next((v for v in values if v is not None), np.zeros(site.batch_shape, np.float32))
+        return jnp.asarray(np.stack([np.zeros_like(example) if v is None else v for v in values]))
+
+    log_p, log_q = jnp.asarray(log_ps, jnp.float32), jnp.asarray(log_qs, jnp.float32)
+    log_w = jnp.where(jnp.isnan(log_p - log_q), -jnp.inf, log_p - log_q)
+    return ImportanceSamples({s.name: stack(s, samples[s.name]) for s in spec.latents}, log_w, log_p, log_q,
+                             {name: jnp.asarray(np.stack(v)) for name, v in executed.items()})

@@ -28,6 +28,9 @@ class Posterior:
     log_weights: jax.Array
     log_joint: jax.Array
     log_proposal: jax.Array
+    # Per site and element, whether it ran in each particle (stochastic control flow);
+    # summaries of a site are conditional on it having run.
+    executed: dict[str, jax.Array] | None = None
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
@@ -63,10 +66,27 @@ class Posterior:
             raise KeyError(f"no latent site '{name}'; sites are {sorted(self.samples)}")
         x = self.samples[name]
         extra = x.ndim - self.log_weights.ndim
-        return x, self.weights.reshape(self.weights.shape + (1,) * extra)
+        w = jnp.broadcast_to(self.weights.reshape(self.weights.shape + (1,) * extra), x.shape)
+        if self.executed is not None and name in self.executed:
+            w = w * self._executed(name, x.ndim)
+            w = w / jnp.sum(w, axis=len(self.batch_shape), keepdims=True)
+        return x, w
+
+    def _executed(self, name: str, ndim: int) -> jax.Array:
+        ran = self.executed[name]
+        return ran.reshape(ran.shape + (1,) * (ndim - ran.ndim))  # event dims of multivariate sites
+
+    def probability_executed(self, name: str) -> jax.Array:
+        """Posterior probability that a site (each of its elements) ran."""
+        x, _ = self._weights_for(name)
+        if self.executed is None or name not in self.executed:
+            return jnp.ones(self.batch_shape + x.shape[len(self.batch_shape) + 1:])
+        ran = self.executed[name]
+        w = self.weights.reshape(self.weights.shape + (1,) * (ran.ndim - self.log_weights.ndim))
+        return jnp.sum(w * ran, axis=len(self.batch_shape))
 
     def mean(self, name: str) -> jax.Array:
-        """Posterior mean of a site (per observation set)."""
+        """Posterior mean of a site (per observation set), given that it ran."""
         x, w = self._weights_for(name)
         return jnp.sum(w * x, axis=len(self.batch_shape))
 
@@ -82,7 +102,6 @@ class Posterior:
         x, w = self._weights_for(name)
         axis = len(self.batch_shape)
         qs = jnp.atleast_1d(jnp.asarray(q, jnp.float32))
-        w = jnp.broadcast_to(w, x.shape)
         order = jnp.argsort(x, axis=axis)
         xs = jnp.take_along_axis(x, order, axis)
         cw = jnp.cumsum(jnp.take_along_axis(w, order, axis), axis=axis)
@@ -123,8 +142,11 @@ class Posterior:
                 mean, sd = pick(self.mean(name)).reshape(-1), pick(self.std(name)).reshape(-1)
                 quant = np.asarray(self.quantile(name, [0.05, 0.5, 0.95]))
                 quant = (quant[(slice(None),) + b] if b else quant).reshape(3, -1)
+                ran = pick(self.probability_executed(name)).reshape(-1)
                 for i in range(min(mean.size, max_elements)):
                     label = name if mean.size == 1 else f"{name}[{i}]"
+                    if ran[i] < 0.9995:
+                        label = f"{label} (ran {ran[i]:.0%})"
                     lines.append(f"{label:>16} {mean[i]:9.3f} {sd[i]:9.3f} {quant[0, i]:9.3f} {quant[1, i]:9.3f} "
                                  f"{quant[2, i]:9.3f}")
                 if mean.size > max_elements:

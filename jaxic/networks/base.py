@@ -40,10 +40,10 @@ def proposal_statistics(spec: TraceSpec, heads: list[ProposalHead], tokens: Toke
     width = spec.value_dim
     max_params = max(h.num_params for h in heads)
     locs, scales, bases = [], [], []
-    for site, head in zip(spec.latents, heads):
-        span = slice(site.offset, site.offset + site.num_tokens)
-        values = tokens.value[:, span].reshape(-1, width)
-        mask = tokens.mask[:, span].reshape(-1)
+    values = tokens.value.reshape(-1, width)
+    for address, head in enumerate(heads):
+        # Select by address rather than position: universal traces place a site anywhere.
+        mask = (tokens.mask & (tokens.address == address)).reshape(-1)
         loc, scale, base = head.statistics(values, mask)
         locs.append(loc)
         scales.append(scale)
@@ -87,6 +87,7 @@ class ProposalNetworkBase(nnx.Module):
         self.num_observed = len(spec.observed)
         self.groups = tuple(groups)
         self.group_of_address = tuple(groups.index(h) for h in heads)
+        self.proposed_address = tuple(s.propose for s in spec.latents)
         self.feature_width = max(h.feature_dim for h in groups)
 
         self.value_loc = Statistic(stats.value_loc)
@@ -123,6 +124,10 @@ class ProposalNetworkBase(nnx.Module):
     def log_standardiser(self, address):
         """log|d value / d z| of the standardisation (padded dims have scale 1)."""
         return jnp.log(self.value_scale[...][address]).sum()
+
+    def is_proposed(self, address):
+        """False for sites drawn from their prior (they are context, not trained)."""
+        return jnp.asarray(np.asarray(self.proposed_address, bool))[address]
 
     def _group(self, address):
         return jnp.asarray(np.asarray(self.group_of_address, np.int32))[address]

@@ -124,7 +124,7 @@ class TransformerProposal(ProposalNetworkBase):
         head_in = jax.vmap(self.head_input)(contexts, tokens.address, tokens.instance, tokens.dist_type)
         log_q = (jax.vmap(self.head_log_prob)(head_in, tokens.address, z)
                  - jax.vmap(self.log_standardiser)(tokens.address) - tokens.log_jacobian)
-        return jnp.where(tokens.mask, log_q, 0.0)
+        return jnp.where(tokens.mask & self.is_proposed(tokens.address), log_q, 0.0)
 
     def init_decode(self, observations: Mapping[str, jax.Array]) -> DecodeState:
         """Run the observation prefix once and return the cache for :meth:`decode`."""
@@ -140,14 +140,18 @@ class TransformerProposal(ProposalNetworkBase):
         valid = jnp.arange(total) < p
         return DecodeState(jnp.stack(keys), jnp.stack(values), valid, jnp.asarray(p, jnp.int32), x[p - 1])
 
-    def decode(self, state: DecodeState, key, address, instance, dist_type, mask):
+    def decode(self, state: DecodeState, key, address, instance, dist_type, mask, given=None):
         """Propose the next token and append it to the cache.
 
         Returns ``(state, value, log_q)``: the token value in unconstrained space and
         its log-density there (add the Jacobian of ``biject_to`` for the model value).
+        With ``given`` (a token value), that value is scored and appended instead of a draw.
         """
         head_in = self.head_input(state.context, address, instance, dist_type)
-        z = self.head_sample(key, head_in, address)
+        if given is None:
+            z = self.head_sample(key, head_in, address)
+        else:
+            z = self.standardise(address, given)
         log_q = self.head_log_prob(head_in, address, z) - self.log_standardiser(address)
         value = z * self.value_scale[...][address] + self.value_loc[...][address]
         x = self.content(address, instance, dist_type, z, mask)

@@ -1,7 +1,15 @@
-"""Tracing: NumPyro model executions as padded token sequences."""
+"""Tracing: NumPyro model executions as padded token sequences.
 
+Jittable models (the masked path) are traced vmapped under jit; models with Python
+control flow on sampled values (the universal path) are traced eagerly; traces made
+elsewhere come in as offline datasets of shards.
+"""
+
+from jaxic.tracing.dataset import TraceDataset, TraceWriter, write_traces
 from jaxic.tracing.spec import LatentSite, ObservedSite, TraceSpec, derive_trace_spec, from_tokens
 from jaxic.tracing.traces import Tokens, sample_joint, trace_to_tokens
+from jaxic.tracing.universal import derive_universal_spec, pack_trace, sample_universal
 
 __all__ = ["LatentSite", "ObservedSite", "TraceSpec", "derive_trace_spec", "from_tokens", "Tokens",
-           "sample_joint", "trace_to_tokens"]
+           "sample_joint", "trace_to_tokens", "TraceDataset", "TraceWriter", "write_traces",
+           "derive_universal_spec", "pack_trace", "sample_universal"]

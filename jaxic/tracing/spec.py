@@ -21,8 +21,10 @@ from numpyro import handlers
 from numpyro.distributions import constraints
 from numpyro.distributions.distribution import MaskedDistribution
 from numpyro.distributions.transforms import biject_to
+from numpyro.contrib.control_flow.scan import scan_wrapper
+from numpyro.primitives import Messenger
 
-from jaxic.errors import ModelError, ObservationError, UnsupportedDistributionError, UntraceableModelError
+from jaxic.errors import JaxicError, ModelError, ObservationError, UnsupportedDistributionError, UntraceableModelError
 
 _JIT_FAILURES = (
     jax.errors.ConcretizationTypeError,
@@ -49,12 +51,37 @@ class LatentSite:
     unconstrained_event_shape: tuple[int, ...]
     is_discrete: bool
     num_categories: int  # 0 for continuous sites
-    lower: int  # smallest value of a finite discrete support
+    lower: int  # smallest value of a discrete support
     offset: int  # first token position
+    propose: bool = True  # False: drawn from its prior at inference (``infer={"jaxic": {"propose": False}}``)
+    scan_length: int = 0  # > 0: the site runs inside ``scan``; its leading batch axis is time
+    stride: int = 0  # tokens between consecutive time steps of a scanned site
+    raw: bool = False  # value stored as is (prior-only sites whose support has no encoding)
 
     @property
     def num_tokens(self) -> int:
         return math.prod(self.batch_shape)
+
+    @property
+    def is_unbounded(self) -> bool:
+        """An integer support with no upper bound (Poisson, Geometric, ...)."""
+        return self.is_discrete and self.num_categories == 0
+
+    @property
+    def step_tokens(self) -> int:
+        """Tokens per time step of a scanned site (all tokens otherwise)."""
+        return self.num_tokens // self.scan_length if self.scan_length else self.num_tokens
+
+    def positions(self) -> np.ndarray:
+        """Token positions of this site's elements (time-major interleaving inside ``scan``)."""
+        if not self.scan_length:
+            return np.arange(self.offset, self.offset + self.num_tokens)
+        steps = np.arange(self.scan_length)[:, None] * self.stride
+        return (self.offset + steps + np.arange(self.step_tokens)[None, :]).reshape(-1)
+
+    def one_step(self) -> "LatentSite":
+        """The site as seen inside one step of its ``scan`` body (time axis dropped)."""
+        return dataclasses.replace(self, batch_shape=self.batch_shape[1:], scan_length=0, stride=0)
 
     @property
     def value_dim(self) -> int:
@@ -85,10 +112,13 @@ class TraceSpec:
     latents: tuple[LatentSite, ...]
     observed: tuple[ObservedSite, ...]
     dist_types: tuple[str, ...]
+    # Universal (eager) path: tokens are packed in execution order up to ``max_tokens``.
+    dynamic: bool = False
+    max_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.latents)
+        return self.max_tokens if self.dynamic else sum(s.num_tokens for s in self.latents)
 
     @property
     def value_dim(self) -> int:
@@ -107,14 +137,19 @@ class TraceSpec:
     def address_of(self, name: str) -> int:
         return [s.name for s in self.latents].index(name)
 
+    def token_order(self) -> np.ndarray:
+        """Permutation taking site-by-site concatenated tokens to token positions."""
+        return np.argsort(np.concatenate([s.positions() for s in self.latents]), kind="stable")
+
     def token_layout(self) -> dict[str, np.ndarray]:
-        """Static per-token address, instance and distribution-type ids."""
+        """Static per-token address, instance and distribution-type ids (fixed layouts only)."""
         address, instance, dist_type = [], [], []
         for a, site in enumerate(self.latents):
             address += [a] * site.num_tokens
             instance += list(range(site.num_tokens))
             dist_type += [self.dist_types.index(site.dist_type)] * site.num_tokens
-        as_int = lambda v: np.asarray(v, dtype=np.int32)
+        order = self.token_order()
+        as_int = lambda v: np.asarray(v, dtype=np.int32)[order]
         return {"address": as_int(address), "instance": as_int(instance), "dist_type": as_int(dist_type)}
 
     def to_json(self) -> str:
@@ -128,7 +163,8 @@ class TraceSpec:
             LatentSite(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()}) for s in raw["latents"]
         )
         observed = tuple(ObservedSite(name=o["name"], shape=tuple(o["shape"])) for o in raw["observed"])
-        return cls(latents=latents, observed=observed, dist_types=tup(raw["dist_types"]))
+        return cls(latents=latents, observed=observed, dist_types=tup(raw["dist_types"]),
+                   dynamic=raw.get("dynamic", False), max_tokens=raw.get("max_tokens", 0))
 
     def describe_difference(self, other: "TraceSpec") -> str:
         """Human-readable list of what differs between two specs ('' when equal)."""
@@ -167,27 +203,42 @@ def site_mask(fn, batch_shape: Sequence[int]) -> jax.Array:
     return mask
 
 
-def _finite_discrete_range(name: str, support) -> tuple[int, int]:
+def _scalar_bound(name: str, support, bound) -> int:
+    bound = np.asarray(bound)
+    if bound.size != 1:
+        raise UnsupportedDistributionError(
+            f"site '{name}' has a discrete support {support} whose bounds vary across its batch; "
+            "give every element the same bounds (e.g. one Categorical with a shared probs vector)."
+        )
+    return int(bound.reshape(()))
+
+
+def _discrete_range(name: str, support) -> tuple[int, int | None]:
+    """``(lower, upper)`` of a discrete support; ``upper`` is None when unbounded."""
     if support is constraints.boolean:
         return 0, 1
     if isinstance(support, constraints.integer_interval):
-        lower, upper = np.asarray(support.lower_bound), np.asarray(support.upper_bound)
-        if lower.size != 1 or upper.size != 1:
-            raise UnsupportedDistributionError(
-                f"site '{name}' has a discrete support {support} whose bounds vary across its batch; "
-                "give every element the same bounds (e.g. one Categorical with a shared probs vector)."
-            )
-        return int(lower.reshape(())), int(upper.reshape(()))
+        return _scalar_bound(name, support, support.lower_bound), _scalar_bound(name, support, support.upper_bound)
+    if isinstance(support, constraints.integer_greater_than):
+        return _scalar_bound(name, support, support.lower_bound), None
     raise UnsupportedDistributionError(
         f"site '{name}' has discrete support {type(support).__name__} ({support}) and jaxic has no proposal head "
-        "for it yet (finite supports are supported: Bernoulli, Categorical, DiscreteUniform). "
-        "Mark the site to be sampled from its prior or rewrite it with a finite support."
+        "for it yet (supported: finite supports such as Bernoulli, Categorical, DiscreteUniform, Binomial, and "
+        "integers with a lower bound such as Poisson, Geometric, NegativeBinomial). "
+        'Mark the site to be drawn from its prior with infer={"jaxic": {"propose": False}}.'
     )
 
 
-def _latent_site(name: str, msg: dict, offset: int) -> LatentSite:
-    fn = innermost_distribution(msg["fn"])
-    value = jnp.asarray(msg["value"])
+def _wants_proposal(name: str, msg: dict) -> bool:
+    options = (msg.get("infer") or {}).get("jaxic", {})
+    unknown = set(options) - {"propose"}
+    if unknown:
+        raise ModelError(f"site '{name}' has unknown jaxic options {sorted(unknown)} in infer={{'jaxic': ...}}; "
+                         "the only option is 'propose' (False draws the site from its prior).")
+    return bool(options.get("propose", True))
+
+
+def _encoded_site(name: str, fn, value, offset: int, propose: bool) -> LatentSite:
     batch_shape = tuple(fn.batch_shape)
     event_shape = tuple(fn.event_shape)
     support = fn.support
@@ -197,21 +248,38 @@ def _latent_site(name: str, msg: dict, offset: int) -> LatentSite:
                 f"site '{name}' is a discrete distribution with event shape {event_shape}; jaxic proposes discrete "
                 "sites element by element: use scalar events inside a plate instead."
             )
-        lower, upper = _finite_discrete_range(name, support)
+        lower, upper = _discrete_range(name, support)
+        num_categories = 0 if upper is None else upper - lower + 1
         return LatentSite(name, type(fn).__name__, str(support), batch_shape, event_shape, (), True,
-                          upper - lower + 1, lower, offset)
+                          num_categories, lower, offset, propose=propose)
     try:
         transform = biject_to(support)
     except NotImplementedError:
         raise UnsupportedDistributionError(
             f"site '{name}' ({type(fn).__name__}) has support {support}, which numpyro's biject_to cannot map to "
             "unconstrained space, so jaxic has no proposal head for it. Reparameterise the site with a supported "
-            "support (real, positive, interval, simplex, ...)."
+            "support (real, positive, interval, simplex, ...) or draw it from its prior with "
+            'infer={"jaxic": {"propose": False}}.'
         ) from None
     unconstrained = transform.inv(value)
     unconstrained_event = tuple(jnp.shape(unconstrained)[len(batch_shape):])
     return LatentSite(name, type(fn).__name__, str(support), batch_shape, event_shape, unconstrained_event,
-                      False, 0, 0, offset)
+                      False, 0, 0, offset, propose=propose)
+
+
+def _latent_site(name: str, msg: dict, offset: int) -> LatentSite:
+    fn = innermost_distribution(msg["fn"])
+    value = jnp.asarray(msg["value"])
+    propose = _wants_proposal(name, msg)
+    try:
+        return _encoded_site(name, fn, value, offset, propose)
+    except UnsupportedDistributionError:
+        if propose:
+            raise
+    # Drawn from its prior, so no head is needed: the token carries the raw value to later sites.
+    event_shape = tuple(fn.event_shape)
+    return LatentSite(name, type(fn).__name__, str(fn.support), tuple(fn.batch_shape), event_shape, event_shape,
+                      False, 0, 0, offset, propose=False, raw=True)
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -255,11 +323,40 @@ def derive_trace_spec(model: Callable, observed: Sequence[str], key: jax.Array |
     if isinstance(observed, str):
         observed = [observed]
     key = jax.random.key(0) if key is None else key
+    recorder = ScanRecorder()
     try:
-        trace = run_model(model, key)
+        with recorder:
+            trace = run_model(model, key)
+    except JaxicError:
+        raise
     except Exception as exc:  # the user's code failed: say where
         raise ModelError(f"the model raised {type(exc).__name__}: {exc} (at {_user_frame(exc)})") from exc
     samples = {n: s for n, s in trace.items() if s["type"] == "sample"}
+    check_observed(samples, observed)
+    latents = _lay_out(samples, observed, recorder.groups)
+    obs_sites = tuple(ObservedSite(n, tuple(jnp.shape(samples[n]["value"]))) for n in observed)
+    check_jittable(model)
+    dist_types = tuple(sorted({s.dist_type for s in latents}))
+    return TraceSpec(latents=tuple(latents), observed=obs_sites, dist_types=dist_types)
+
+
+class ScanRecorder(Messenger):
+    """Records which sample sites each ``numpyro.contrib.control_flow.scan`` produced."""
+
+    def __init__(self, fn=None):
+        self.groups: list[tuple[str, ...]] = []
+        super().__init__(fn)
+
+    def postprocess_message(self, msg):
+        if msg["type"] != "control_flow" or msg["fn"] is not scan_wrapper:
+            return
+        if msg["args"][4]:
+            raise ModelError("jaxic does not support scan(..., reverse=True): its sites must run forward in time.")
+        (_, (pytree_trace, _)) = msg["value"]
+        self.groups.append(tuple(n for n, site in pytree_trace.trace.items() if site["type"] == "sample"))
+
+
+def check_observed(samples: dict, observed: Sequence[str]) -> None:
     for name in observed:
         if name not in samples:
             raise ObservationError(
@@ -270,22 +367,37 @@ def derive_trace_spec(model: Callable, observed: Sequence[str], key: jax.Array |
                 f"observed site '{name}' already has a value inside the model (obs=...). jaxic simulates observed "
                 "sites during training: call the model so that the site's obs is None (e.g. model(data=None))."
             )
-    latents, offset = [], 0
-    for name, msg in samples.items():
-        if name in observed or msg["is_observed"]:
-            continue
-        site = _latent_site(name, msg, offset)
-        latents.append(site)
-        offset += site.num_tokens
-    if not latents:
+
+
+def _lay_out(samples: dict, observed: Sequence[str], scan_groups: Sequence[tuple[str, ...]]) -> list[LatentSite]:
+    """Latent sites with token positions: in trace order, time-major inside each ``scan``
+    (the order in which the model draws them, which is the order the proposal decodes them)."""
+    latent_names = [n for n, msg in samples.items() if n not in observed and not msg["is_observed"]]
+    if not latent_names:
         raise ModelError(
             f"the model has no latent sample sites (sites: {sorted(samples)}, observed: {list(observed)}); "
             "there is nothing to infer."
         )
-    obs_sites = tuple(ObservedSite(n, tuple(jnp.shape(samples[n]["value"]))) for n in observed)
-    check_jittable(model)
-    dist_types = tuple(sorted({s.dist_type for s in latents}))
-    return TraceSpec(latents=tuple(latents), observed=obs_sites, dist_types=dist_types)
+    group_of = {name: group for group in scan_groups for name in group}
+    latents, offset, done = [], 0, set()
+    for name in latent_names:
+        if name in done:
+            continue
+        members = [n for n in group_of.get(name, (name,)) if n in latent_names]
+        sites = [_latent_site(n, samples[n], 0) for n in members]
+        if name in group_of:
+            length = sites[0].batch_shape[0]
+            stride = sum(s.num_tokens // length for s in sites)
+            within = 0
+            for s in sites:
+                latents.append(dataclasses.replace(s, offset=offset + within, scan_length=length, stride=stride))
+                within += s.num_tokens // length
+            offset += length * stride
+        else:
+            latents.append(dataclasses.replace(sites[0], offset=offset))
+            offset += sites[0].num_tokens
+        done.update(members)
+    return latents
 
 
 def as_tokens(site: LatentSite, fn, value: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
@@ -295,9 +407,9 @@ def as_tokens(site: LatentSite, fn, value: jax.Array, width: int) -> tuple[jax.A
     so ``log q(x) = log q(u) - log|det J|``.
     """
     n = site.num_tokens
-    if site.is_discrete:
-        index = (jnp.asarray(value) - site.lower).reshape(n, 1).astype(jnp.float32)
-        return jnp.pad(index, ((0, 0), (0, width - 1))), jnp.zeros(n)
+    if site.is_discrete or site.raw:
+        flat = (jnp.asarray(value) - site.lower).reshape(n, site.value_dim).astype(jnp.float32)
+        return jnp.pad(flat, ((0, 0), (0, width - site.value_dim))), jnp.zeros(n)
     transform = biject_to(innermost_distribution(fn).support)
     u = transform.inv(value)
     log_det = transform.log_abs_det_jacobian(u, value)

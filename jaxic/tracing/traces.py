@@ -37,13 +37,14 @@ def trace_to_tokens(spec: TraceSpec, trace: dict) -> tuple[Tokens, dict[str, jax
         log_dets.append(ld)
         masks.append(site_mask(msg["fn"], site.batch_shape).reshape(-1))
     layout = spec.token_layout()
+    order = spec.token_order()
     tokens = Tokens(
         address=jnp.asarray(layout["address"]),
         instance=jnp.asarray(layout["instance"]),
         dist_type=jnp.asarray(layout["dist_type"]),
-        value=jnp.concatenate(values),
-        mask=jnp.concatenate(masks),
-        log_jacobian=jnp.concatenate(log_dets).astype(jnp.float32),
+        value=jnp.concatenate(values)[order],
+        mask=jnp.concatenate(masks)[order],
+        log_jacobian=jnp.concatenate(log_dets).astype(jnp.float32)[order],
     )
     observations = {o.name: jnp.asarray(trace[o.name]["value"], dtype=jnp.float32) for o in spec.observed}
     return tokens, observations

@@ -1,0 +1,162 @@
+"""The universal path: models with Python control flow on sampled values.
+
+Such a model cannot run under ``jax.jit``, so it runs eagerly, one trace per call.
+Addresses are discovered as they appear in pilot runs, and each trace is packed in
+execution order into the same padded token format as the masked path, so the
+proposal network still trains batched and jitted.
+
+Example:
+    >>> spec = derive_universal_spec(model, observed=["obs"], key=jax.random.key(0))
+    >>> tokens, observations = sample_universal(spec, model, jax.random.key(1), 64)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxic.errors import JaxicError, ModelError
+from jaxic.tracing.spec import (LatentSite, ObservedSite, TraceSpec, _latent_site, _user_frame, as_tokens,
+                                check_observed, run_model, site_mask)
+from jaxic.tracing.traces import Tokens
+
+
+def _run(model: Callable, key: jax.Array) -> dict:
+    try:
+        return run_model(model, key)
+    except JaxicError:
+        raise
+    except Exception as exc:  # the user's code failed: say where
+        raise ModelError(f"the model raised {type(exc).__name__}: {exc} (at {_user_frame(exc)})") from exc
+
+
+def _latent_messages(trace: dict, observed: Sequence[str]):
+    return [(n, m) for n, m in trace.items() if m["type"] == "sample" and n not in observed and not m["is_observed"]]
+
+
+def derive_universal_spec(model: Callable, observed: Sequence[str], key: jax.Array | None = None,
+                          num_traces: int = 256, max_tokens: int | None = None) -> TraceSpec:
+    """Discover a universal model's addresses from ``num_traces`` eager pilot runs.
+
+    Addresses are numbered in order of first appearance. ``max_tokens`` (default: 25%
+    above the longest pilot trace) bounds the length of a trace; longer traces are
+    dropped from training and counted.
+
+    Example:
+        >>> spec = derive_universal_spec(model, ["obs"], jax.random.key(0), num_traces=512)
+    """
+    if isinstance(observed, str):
+        observed = [observed]
+    key = jax.random.key(0) if key is None else key
+    sites: dict[str, LatentSite] = {}
+    obs_shapes: dict[str, tuple] = {}
+    longest = 0
+    for k in jax.random.split(key, num_traces):
+        trace = _run(model, k)
+        samples = {n: m for n, m in trace.items() if m["type"] == "sample"}
+        check_observed(samples, observed)
+        for name in observed:
+            shape = tuple(jnp.shape(samples[name]["value"]))
+            if obs_shapes.setdefault(name, shape) != shape:
+                raise ModelError(f"observed site '{name}' changes shape between runs ({obs_shapes[name]} vs "
+                                 f"{shape}); jaxic needs a fixed observation shape (pad it and observe a mask).")
+        length = 0
+        for name, msg in _latent_messages(trace, observed):
+            site = _latent_site(name, msg, 0)
+            known = sites.setdefault(name, site)
+            if known != site:
+                raise ModelError(f"site '{name}' changes between runs ({known.dist_type} {known.batch_shape} vs "
+                                 f"{site.dist_type} {site.batch_shape}); give differently-shaped draws distinct "
+                                 "names (e.g. f'x_{i}').")
+            length += site.num_tokens
+        longest = max(longest, length)
+    if not sites:
+        raise ModelError(f"the model has no latent sample sites (observed: {list(observed)}); nothing to infer.")
+    max_tokens = max_tokens or max(longest + 1, math.ceil(1.25 * longest))
+    latents = tuple(sites.values())
+    return TraceSpec(latents=latents, observed=tuple(ObservedSite(n, obs_shapes[n]) for n in observed),
+                     dist_types=tuple(sorted({s.dist_type for s in latents})), dynamic=True, max_tokens=max_tokens)
+
+
+@functools.lru_cache(maxsize=None)
+def _encoder(site: LatentSite, width: int):
+    # Compiled once per site (and distribution structure); eager jnp calls would dominate.
+    @jax.jit
+    def encode(fn, value):
+        values, log_det = as_tokens(site, fn, value, width)
+        return values, log_det, site_mask(fn, site.batch_shape).reshape(-1)
+
+    return encode
+
+
+def pack_trace(spec: TraceSpec, trace: dict) -> tuple[Tokens, dict[str, np.ndarray]] | None:
+    """One eager trace as tokens in execution order, padded to ``spec.max_tokens``.
+
+    Returns None when the trace is longer than ``max_tokens`` or has an address the
+    spec does not know (the caller counts and skips it).
+    """
+    observed = [o.name for o in spec.observed]
+    index = {s.name: a for a, s in enumerate(spec.latents)}
+    width, total = spec.value_dim, spec.num_tokens
+    address = np.zeros(total, np.int32)
+    instance = np.zeros(total, np.int32)
+    dist_type = np.zeros(total, np.int32)
+    value = np.zeros((total, width), np.float32)
+    mask = np.zeros(total, bool)
+    log_jacobian = np.zeros(total, np.float32)
+    position = 0
+    for name, msg in _latent_messages(trace, observed):
+        if name not in index:
+            return None
+        site = spec.latents[index[name]]
+        n = site.num_tokens
+        if position + n > total:
+            return None
+        values, log_det, executed = _encoder(site, width)(msg["fn"], msg["value"])
+        span = slice(position, position + n)
+        address[span] = index[name]
+        instance[span] = np.arange(n)
+        dist_type[span] = spec.dist_types.index(site.dist_type)
+        value[span] = np.asarray(values)
+        mask[span] = np.asarray(executed)
+        log_jacobian[span] = np.asarray(log_det)
+        position += n
+    observations = {o: np.asarray(trace[o]["value"], np.float32) for o in observed}
+    return Tokens(address, instance, dist_type, value, mask, log_jacobian), observations
+
+
+def sample_universal(spec: TraceSpec, model: Callable, key: jax.Array, num_traces: int,
+                     max_attempts_factor: int = 4) -> tuple[Tokens, dict[str, np.ndarray]]:
+    """``num_traces`` eager joint samples packed as a batch of tokens (numpy arrays).
+
+    A Python loop over traces is unavoidable here: the model itself is Python.
+    Traces that do not fit the spec are skipped (and a warning says how many).
+
+    Example:
+        >>> tokens, observations = sample_universal(spec, model, jax.random.key(1), 64)
+    """
+    kept, skipped = [], 0
+    keys = iter(jax.random.split(key, num_traces * max_attempts_factor))
+    for k in keys:
+        packed = pack_trace(spec, _run(model, k))
+        if packed is None:
+            skipped += 1
+            continue
+        kept.append(packed)
+        if len(kept) == num_traces:
+            break
+    if len(kept) < num_traces:
+        raise ModelError(f"only {len(kept)} of {num_traces * max_attempts_factor} traces fit the trace spec "
+                         f"(max_tokens={spec.max_tokens}, {len(spec.latents)} addresses); derive the spec from "
+                         "more pilot runs or raise max_tokens.")
+    if skipped:
+        warnings.warn(f"{skipped} eager traces were longer than max_tokens={spec.max_tokens} or reached an "
+                      "address unseen in the pilot runs and were skipped.", stacklevel=2)
+    return jax.tree.map(lambda *xs: np.stack(xs), *kept)
+
