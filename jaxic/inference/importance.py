@@ -1,9 +1,10 @@
 """Importance sampling with the proposal running alongside the model.
 
-A NumPyro handler intercepts each latent site as the model reaches it, decodes its
-tokens from the proposal (incrementally, with a key/value cache), and accumulates
-``log q``. After the run, ``log p(x, y)`` comes from the trace, so
-``log w = log p(x, y) - log q(x | y)``.
+Compiled models (the masked path) decode all token positions in one loop, running the
+model with the values decoded so far substituted to learn which sites executed
+(:func:`importance_sample`). Eagerly run models (the
+universal path) use the :class:`propose` handler, which decodes each site as the
+model reaches it. Either way ``log w = log p(x, y) - log q(x | y)``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from numpyro.primitives import Messenger
 from jaxic.errors import ModelError
 from jaxic.tracing import TraceSpec
 from jaxic.tracing.spec import as_tokens, from_tokens, site_mask
+from jaxic.tracing.traces import trace_to_tokens
 
 
 class ImportanceSamples(NamedTuple):
@@ -182,30 +184,85 @@ def importance_sample(network, spec: TraceSpec, model: Callable, key: jax.Array,
                       observations: Mapping[str, jax.Array], num_particles: int) -> ImportanceSamples:
     """Importance sampling for one set of observations; vmapped over particles.
 
-    The observation prefix is encoded once and shared by all particles. Jit it (and
-    vmap it over a batch of observations) as :meth:`jaxic.CompiledModel.posterior` does.
+    The proposal decodes the token positions in one compiled loop. Before each token,
+    the model is run with the values decoded so far substituted, which says whether the
+    token's site executed and, for a prior-drawn site, what its value is (XLA keeps only
+    the part of the model that computes these, so models without data-dependent control
+    flow pay nothing for it). A last run with every value substituted gives the trace and
+    ``log p``. Compile time does not grow with the number of sites. Jit it (and vmap it
+    over observations) as :meth:`jaxic.CompiledModel.posterior` does.
 
     Example:
         >>> result = jax.jit(lambda k, y: importance_sample(net, spec, model, k, y, 1000))(key, {"obs": 25.0})
     """
     observations = {k: jnp.asarray(v, jnp.float32) for k, v in observations.items()}
     prefix_state = network.init_decode(observations)
+    layout = spec.token_layout()
+    num_tokens, width = spec.num_tokens, spec.value_dim
+    prior_token = jnp.asarray(~np.asarray([spec.latents[a].propose for a in layout["address"]]))
+    has_prior_sites = not all(s.propose for s in spec.latents)
+    layout = {k: jnp.asarray(v) for k, v in layout.items()}
+
+    def run_model(model_key, values):
+        conditioned = handlers.condition(handlers.seed(model, model_key), data=observations)
+        substituted = handlers.substitute(conditioned, substitute_fn=_token_substitution(spec, values))
+        return handlers.trace(substituted).get_trace()
 
     def particle(key):
         proposal_key, model_key = jax.random.split(key)
-        # condition sits inside propose so observed sites are already fixed when propose sees them.
-        conditioned = handlers.condition(handlers.seed(model, model_key), data=observations)
-        handler = propose(conditioned, network, spec, prefix_state, proposal_key)
-        trace = handlers.trace(handler).get_trace()
+
+        def decode_one(carry, inputs):
+            state, values = carry
+            t, key, address, instance, dist_type, teacher = inputs
+            tokens, _ = trace_to_tokens(spec, run_model(model_key, values))
+            given = (tokens.value[t], teacher) if has_prior_sites else (None, None)
+            state, value, log_q = network.decode(state, key, address, instance, dist_type, tokens.mask[t], *given)
+            return (state, values.at[t].set(value)), log_q
+
+        inputs = (jnp.arange(num_tokens), jax.random.split(proposal_key, num_tokens), layout["address"],
+                  layout["instance"], layout["dist_type"], prior_token)
+        (_, values), log_q_tokens = jax.lax.scan(decode_one, (prefix_state, jnp.zeros((num_tokens, width))), inputs)
+        trace = run_model(model_key, values)
+        tokens, _ = trace_to_tokens(spec, trace)
+        log_q = jnp.sum(jnp.where(tokens.mask & ~prior_token, log_q_tokens - tokens.log_jacobian, 0.0))
+        # q equals the prior at prior-drawn sites, so their prior cancels in the weight.
+        log_q = log_q + sum((jnp.sum(trace[s.name]["fn"].log_prob(trace[s.name]["value"]))
+                             for s in spec.latents if not s.propose), jnp.zeros(()))
+        log_p = log_joint(trace)
         samples = {s.name: trace[s.name]["value"] for s in spec.latents}
         executed = {s.name: site_mask(trace[s.name]["fn"], s.batch_shape) for s in spec.latents}
-        log_p = log_joint(trace)
-        return samples, log_p - handler.log_q, log_p, handler.log_q, executed
+        return samples, log_p - log_q, log_p, log_q, executed
 
     samples, log_w, log_p, log_q, executed = jax.vmap(particle)(jax.random.split(key, num_particles))
     # A particle with a non-finite weight (e.g. outside the support) gets zero weight.
     log_w = jnp.where(jnp.isnan(log_w), -jnp.inf, log_w)
     return ImportanceSamples(samples, log_w, log_p, log_q, executed)
+
+
+def _token_substitution(spec: TraceSpec, values: jax.Array) -> Callable:
+    """A ``substitute_fn`` giving each proposed latent site its decoded token values
+    (inside ``scan``, the tokens of the current time step)."""
+    sites = {s.name: s for s in spec.latents}
+
+    def substitute_fn(msg):
+        if msg["type"] != "sample" or msg["is_observed"]:
+            return None
+        site = sites.get(msg["name"])
+        if site is None:
+            raise ModelError(
+                f"site '{msg['name']}' ran at inference but was not seen when the trace spec was derived; "
+                "the model must reach the same sites on every run (use handlers.mask for optional sites)."
+            )
+        if not site.propose:
+            return None  # drawn from its prior by the seeded model
+        tokens = values[site.positions()]
+        step = (msg.get("infer") or {}).get("_scan_current_index")
+        if site.scan_length and step is not None:
+            tokens = tokens.reshape(site.scan_length, site.step_tokens, -1)[step]
+            return from_tokens(site.one_step(), msg["fn"], tokens)
+        return from_tokens(site, msg["fn"], tokens)
+
+    return substitute_fn
 
 
 class EagerDecoder:

@@ -140,18 +140,21 @@ class TransformerProposal(ProposalNetworkBase):
         valid = jnp.arange(total) < p
         return DecodeState(jnp.stack(keys), jnp.stack(values), valid, jnp.asarray(p, jnp.int32), x[p - 1])
 
-    def decode(self, state: DecodeState, key, address, instance, dist_type, mask, given=None):
+    def decode(self, state: DecodeState, key, address, instance, dist_type, mask, given=None, teacher=None):
         """Propose the next token and append it to the cache.
 
         Returns ``(state, value, log_q)``: the token value in unconstrained space and
         its log-density there (add the Jacobian of ``biject_to`` for the model value).
-        With ``given`` (a token value), that value is scored and appended instead of a draw.
+        With ``given`` (a token value), that value is scored and appended instead of a draw;
+        a boolean array ``teacher`` chooses between ``given`` and a draw at run time.
         """
         head_in = self.head_input(state.context, address, instance, dist_type)
         if given is None:
             z = self.head_sample(key, head_in, address)
-        else:
+        elif teacher is None:
             z = self.standardise(address, given)
+        else:
+            z = jnp.where(teacher, self.standardise(address, given), self.head_sample(key, head_in, address))
         log_q = self.head_log_prob(head_in, address, z) - self.log_standardiser(address)
         value = z * self.value_scale[...][address] + self.value_loc[...][address]
         x = self.content(address, instance, dist_type, z, mask)
