@@ -37,16 +37,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import math
-import os
-import platform
-import re
 import shlex
 import statistics
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,6 +49,7 @@ import jax
 
 import jaxic
 from jaxic.models import pedagogical
+from results_io import environment_lines, write_section
 
 HEADING = "## Throughput (benchmarks/throughput.py)"
 OBSERVATIONS = {"obs": 25.0}
@@ -139,57 +135,8 @@ def markdown_table(results: list[Result]) -> list[str]:
     return lines + ["| " + " | ".join(r.row()) + " |" for r in results]
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def core_count() -> str:
-    total = os.cpu_count()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
-    return f"{total} logical cores" + (f" ({usable} usable by this process)" if usable != total else "")
-
-
-def environment_lines(command: str) -> list[str]:
-    versions = ", ".join([f"python {platform.python_version()}"] + [f"{p} {metadata.version(p)}" for p in PACKAGES])
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return [
-        f"- Machine: {cpu_model()}, {core_count()}; JAX devices: {jax.devices()}",
-        f"- Date: {date}",
-        f"- Versions: {versions}",
-        f"- Command: `{command}`",
-    ]
-
-
-def replace_section(text: str, heading: str, body: list[str]) -> str:
-    """``text`` with the markdown section ``heading`` replaced by ``body`` (appended if absent).
-
-    A section runs from its heading to the next ``#`` or ``##`` heading.
-    """
-    lines = text.splitlines()
-    section = [heading, "", *body]
-    if heading in (line.rstrip() for line in lines):
-        start = [line.rstrip() for line in lines].index(heading)
-        end = next((i for i in range(start + 1, len(lines)) if re.match(r"#{1,2} ", lines[i])), len(lines))
-        before, after = lines[:start], lines[end:]
-    else:
-        before, after = lines, []
-    while before and not before[-1].strip():
-        before.pop()
-    parts = [before, section, after]
-    return "\n\n".join("\n".join(p).strip("\n") for p in parts if p) + "\n"
-
-
 def write_results(path: Path, body: list[str]) -> None:
-    text = path.read_text() if path.exists() else "# jaxic benchmarks\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(replace_section(text, HEADING, body))
+    write_section(path, HEADING, body)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
     results = [benchmark(M, args.steps, args.particles, args.repeats) for M in args.M]
-    body = environment_lines(shlex.join(["python", "benchmarks/throughput.py", *argv])) + [""] + markdown_table(results)
+    body = environment_lines(PACKAGES, shlex.join(["python", "benchmarks/throughput.py", *argv])) + [""] + markdown_table(results)
     print()
     print("\n".join(body))
     print(f"\n(total {time.perf_counter() - start:.1f} s)")
