@@ -284,10 +284,14 @@ def _latent_site(name: str, msg: dict, offset: int) -> LatentSite:
 
 def _user_frame(exc: BaseException) -> str:
     """The innermost traceback frame outside jax/numpyro/jaxic: where the user's model failed."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not any(p in f.filename for p in ("/jax/", "/jaxlib/", "/numpyro/", "/jaxic/", "/flax/"))]
+    def internal(filename: str) -> bool:
+        # jaxic's example models are model code like the user's own.
+        return (any(p in filename for p in ("/jax/", "/jaxlib/", "/numpyro/", "/flax/"))
+                or ("/jaxic/" in filename and "/jaxic/models/" not in filename))
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not internal(f.filename)]
     if not frames:
-        return "inside the model"
+        return "a line of the model"
     f = frames[-1]
     return f"{f.filename}:{f.lineno} in {f.name}: `{(f.line or '').strip()}`"
 
