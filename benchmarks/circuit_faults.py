@@ -31,7 +31,6 @@ Results are printed and written to the section ``## Circuit fault diagnosis
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -44,10 +43,9 @@ from numpyro.infer import Predictive
 import jaxic
 from jaxic.models import circuit, fault_label, fault_posterior, latent_response
 from jaxic.models.circuit import COMPONENTS, FLOOR_DB, circuit_response
-from results_io import environment_lines, write_section
+from results_io import environment_lines, publish
 
 HEADING = "## Circuit fault diagnosis (benchmarks/circuit_faults.py)"
-PACKAGES = ("jax", "jaxlib", "flax", "numpyro", "optax", "jaxic")
 WEAK_DB = 2.0
 
 
@@ -118,7 +116,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args(argv)
-    command = "python " + shlex.join(["benchmarks/circuit_faults.py", *(sys.argv[1:] if argv is None else argv)])
 
     network = jaxic.TransformerConfig(d_model=args.d_model, num_layers=args.layers)
     t0 = time.perf_counter()
@@ -130,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = score(labels, ranked, ess, groups)
 
     validation = compiled.history["validation_loss"]
-    body = environment_lines(PACKAGES, command) + [
+    body = environment_lines("circuit_faults.py", sys.argv[1:] if argv is None else argv) + [
         f"- Proposal: transformer d_model={args.d_model}, {args.layers} layers "
         f"({compiled.num_parameters:,} parameters), {args.steps} steps of batch {args.batch_size}: "
         f"{train_seconds:.0f} s including compilation; held-out -log q {validation[0]:.1f} -> {validation[-1]:.1f}",
@@ -148,10 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         "response by less than "
         f"{WEAK_DB:g} dB (noise sd 0.5 dB); *identifiable*: the rest.",
     ]
-    print("\n".join(body))
-    if not args.no_write:
-        write_section(args.output, HEADING, body)
-        print(f"\nwritten to {args.output}")
+    publish(args.output, HEADING, body, write=not args.no_write)
 
 
 if __name__ == "__main__":

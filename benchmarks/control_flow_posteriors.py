@@ -17,7 +17,6 @@ includes compiling the sampler).
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 import warnings
@@ -31,10 +30,9 @@ import jaxic
 from jaxic.models import (hmm, hmm_posterior, poisson_branch, poisson_branch_posterior, poisson_branch_universal,
                           random_objects, random_objects_posterior, random_objects_universal, rejection_model,
                           rejection_model_universal, rejection_posterior)
-from results_io import environment_lines, write_section
+from results_io import environment_lines, publish
 
 HEADING = "## Stochastic control flow against exact posteriors (benchmarks/control_flow_posteriors.py)"
-PACKAGES = ("jax", "jaxlib", "flax", "numpyro", "optax", "jaxic")
 HMM_Y = jnp.array([-1.4, -1.6, 0.1, 1.5, 1.7, 1.2])
 POISSON_OBS = 0.5  # both branches plausible: P(n > 2 | obs) = 0.36
 
@@ -108,7 +106,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args(argv)
-    command = "python " + shlex.join(["benchmarks/control_flow_posteriors.py", *(sys.argv[1:] if argv is None else argv)])
 
     table = ["| model | path | quantity | exact | jaxic | abs error | ESS/N | compile+train s | posterior s |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -131,13 +128,10 @@ def main(argv: list[str] | None = None) -> None:
                          f"{lead[1]} | {lead[2]} | {lead[3]} |")
             print(table[-1], flush=True)
 
-    body = environment_lines(PACKAGES, command) + [
+    body = environment_lines("control_flow_posteriors.py", sys.argv[1:] if argv is None else argv) + [
         "- Default network (d_model 64, 2 layers), batch 64; one observation per model; errors are |jaxic - exact|.",
         "", *table]
-    print("\n".join(body))
-    if not args.no_write:
-        write_section(args.output, HEADING, body)
-        print(f"\nwritten to {args.output}")
+    publish(args.output, HEADING, body, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import re
+import shlex
 from importlib import metadata
 from pathlib import Path
 from typing import Sequence
@@ -30,7 +31,12 @@ def core_count() -> str:
     return f"{total} logical cores" + (f" ({usable} usable by this process)" if usable != total else "")
 
 
-def environment_lines(packages: Sequence[str], command: str) -> list[str]:
+PACKAGES = ("jax", "jaxlib", "flax", "numpyro", "optax", "jaxic")
+
+
+def environment_lines(script: str, argv: Sequence[str], packages: Sequence[str] = PACKAGES) -> list[str]:
+    """Machine, date, package versions and the command line ``python benchmarks/<script> <argv>``."""
+    command = shlex.join(["python", f"benchmarks/{script}", *argv])
     versions = ", ".join([f"python {platform.python_version()}"] + [f"{p} {metadata.version(p)}" for p in packages])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return [
@@ -65,3 +71,11 @@ def write_section(path: Path, heading: str, body: list[str]) -> None:
     text = path.read_text() if path.exists() else "# jaxic benchmarks\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(replace_section(text, heading, body))
+
+
+def publish(path: Path, heading: str, body: list[str], write: bool = True) -> None:
+    """Print ``body`` and, if ``write``, put it under ``heading`` in ``path`` (see :func:`write_section`)."""
+    print("\n".join(body))
+    if write:
+        write_section(path, heading, body)
+        print(f"\nwritten to {path}")

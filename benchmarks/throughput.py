@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import shlex
 import statistics
 import sys
 import time
@@ -49,11 +48,10 @@ import jax
 
 import jaxic
 from jaxic.models import pedagogical
-from results_io import environment_lines, write_section
+from results_io import environment_lines, publish
 
 HEADING = "## Throughput (benchmarks/throughput.py)"
 OBSERVATIONS = {"obs": 25.0}
-PACKAGES = ("jax", "jaxlib", "flax", "numpyro", "optax", "jaxic")
 COLUMNS = ("M", "parameters", "train compile s", "train traces/s", "IS compile s", "IS particles/s")
 
 
@@ -135,10 +133,6 @@ def markdown_table(results: list[Result]) -> list[str]:
     return lines + ["| " + " | ".join(r.row()) + " |" for r in results]
 
 
-def write_results(path: Path, body: list[str]) -> None:
-    write_section(path, HEADING, body)
-
-
 # ----------------------------------------------------------------------------------------------
 
 
@@ -164,13 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
     results = [benchmark(M, args.steps, args.particles, args.repeats) for M in args.M]
-    body = environment_lines(PACKAGES, shlex.join(["python", "benchmarks/throughput.py", *argv])) + [""] + markdown_table(results)
-    print()
-    print("\n".join(body))
-    print(f"\n(total {time.perf_counter() - start:.1f} s)")
-    if not args.no_write:
-        write_results(args.output, body)
-        print(f"wrote {args.output}")
+    body = environment_lines("throughput.py", argv) + [""] + markdown_table(results)
+    print(f"\n(total {time.perf_counter() - start:.1f} s)\n")
+    publish(args.output, HEADING, body, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,5 @@
-import functools
-from pathlib import Path
-
 import chex
 import jax
-import numpy as np
 import pytest
 
 import jaxic

@@ -14,7 +14,7 @@ from numpyro.contrib.control_flow import cond
 import jaxic
 from jaxic.models import (hmm, hmm_posterior, poisson_branch, poisson_branch_posterior, poisson_branch_universal,
                           random_objects, random_objects_posterior, rejection_model, rejection_posterior)
-from jaxic.tracing import TraceDataset, derive_trace_spec, write_traces
+from jaxic.tracing import TraceDataset, write_traces
 
 
 def compile_quietly(model, observed, steps, **kwargs):

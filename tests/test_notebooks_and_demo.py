@@ -1,6 +1,5 @@
 """Notebooks run top to bottom on a small budget; the README's demo command works."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path

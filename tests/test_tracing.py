@@ -1,12 +1,9 @@
-import functools
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-import pytest
 from numpyro import handlers
 from numpyro.distributions.transforms import biject_to
 

@@ -17,8 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from numpyro import handlers
-from numpyro.contrib.control_flow.cond import cond_wrapper
-from numpyro.contrib.control_flow.scan import scan_wrapper
 from numpyro.primitives import Messenger
 
 from jaxic.errors import ModelError
@@ -35,136 +33,6 @@ class ImportanceSamples(NamedTuple):
     log_joint: jax.Array
     log_proposal: jax.Array
     executed: dict[str, jax.Array]
-
-
-class propose(Messenger):
-    """Draw every latent site from the proposal network, given the sites drawn before it.
-
-    Sites marked ``infer={"jaxic": {"propose": False}}`` are drawn from their prior
-    (their values still reach later sites through the network). Sites inside
-    ``numpyro.contrib.control_flow.scan`` and ``cond`` are decoded inside the compiled
-    loop or branch, with the cache carried through it.
-
-    Example:
-        >>> handler = propose(handlers.condition(model, obs), network, spec, network.init_decode(obs), key)
-        >>> trace = handlers.trace(handlers.seed(handler, 0)).get_trace()
-        >>> handler.log_q
-    """
-
-    def __init__(self, fn, network, spec: TraceSpec, decode_state, key, step=None):
-        self.network = network
-        self.spec = spec
-        self.decode_state = decode_state
-        self.key = key
-        self.step = step  # time index when this handler runs inside one step of a scan body
-        self.log_q = jnp.zeros(())
-        self._addresses = {s.name: a for a, s in enumerate(spec.latents)}
-        self._observed = {o.name for o in spec.observed}
-        self._num_blocks = 0
-        super().__init__(fn)
-
-    # --- sample sites -------------------------------------------------------------------------
-    def process_message(self, msg):
-        if msg["type"] == "control_flow":
-            if msg["fn"] is scan_wrapper:
-                self._scan(msg)
-            elif msg["fn"] is cond_wrapper:
-                self._cond(msg)
-            return
-        if msg["type"] != "sample" or msg["is_observed"] or msg["value"] is not None:
-            return
-        name = msg["name"]
-        if name in self._observed:  # inside scan, conditioning happens after this handler
-            return
-        if name not in self._addresses:
-            raise ModelError(
-                f"site '{name}' ran at inference but was not seen when the trace spec was derived; "
-                "the model must reach the same sites on every run (use handlers.mask for optional sites)."
-            )
-        address = self._addresses[name]
-        site = self.spec.latents[address]
-        first_instance = 0
-        if self.step is not None:
-            first_instance = self.step * site.step_tokens
-            site = site.one_step()
-        mask = site_mask(msg["fn"], site.batch_shape).reshape(-1)
-        key = jax.random.fold_in(self.key, address)
-        width = self.spec.value_dim
-        if site.propose:
-            tokens, log_q = self._decode(address, site, key, first_instance, mask, None)
-            value = from_tokens(site, msg["fn"], tokens)
-            _, log_det = as_tokens(site, msg["fn"], value, width)
-            self.log_q = self.log_q + jnp.sum(jnp.where(mask, log_q - log_det, 0.0))
-        else:
-            prior_key, decode_key = jax.random.split(key)
-            value = msg["fn"](rng_key=prior_key, sample_shape=msg["kwargs"].get("sample_shape", ()))
-            tokens, _ = as_tokens(site, msg["fn"], value, width)
-            self._decode(address, site, decode_key, first_instance, mask, tokens)
-            # q equals the prior here, so the site's prior cancels in the weight.
-            self.log_q = self.log_q + jnp.sum(msg["fn"].log_prob(value))
-        msg["value"] = value
-
-    def _decode(self, address, site, key, first_instance, mask, given):
-        """Decode (or, with ``given`` tokens, score and append) the site's tokens one by one."""
-        dist_type = self.spec.dist_types.index(site.dist_type)
-        n = site.num_tokens
-        teacher = given is not None
-
-        def decode_one(state, inputs):
-            key, instance, executed, value = inputs
-            state, value, log_q = self.network.decode(state, key, address, instance, dist_type, executed,
-                                                      value if teacher else None)
-            return state, (value, log_q)
-
-        values = given if teacher else jnp.zeros((n, self.spec.value_dim))
-        inputs = (jax.random.split(key, n), first_instance + jnp.arange(n), mask, values)
-        if n == 1:  # a length-one scan only adds a loop for XLA to compile
-            self.decode_state, outputs = decode_one(self.decode_state, jax.tree.map(lambda a: a[0], inputs))
-            return jax.tree.map(lambda a: a[None], outputs)
-        self.decode_state, outputs = jax.lax.scan(decode_one, self.decode_state, inputs)
-        return outputs
-
-    # --- control flow -------------------------------------------------------------------------
-    def _block_key(self):
-        self._num_blocks += 1
-        return jax.random.fold_in(self.key, len(self.spec.latents) + self._num_blocks)
-
-    def _scan(self, msg):
-        """Run the scan with the decode cache and ``log q`` in its carry (one compiled loop)."""
-        if self.step is not None:
-            raise ModelError("jaxic does not support a scan nested inside another scan.")
-        f, init, xs, length, reverse = msg["args"]
-        key = self._block_key()
-
-        def step_fn(carry, x):
-            user_carry, state, log_q, t = carry
-            inner = propose(f, self.network, self.spec, state, jax.random.fold_in(key, t), step=t)
-            user_carry, y = inner(user_carry, x)
-            return (user_carry, inner.decode_state, log_q + inner.log_q, t + 1), y
-
-        init = (init, self.decode_state, jnp.zeros(()), jnp.zeros((), jnp.int32))
-        (i, rng_key, carry), (pytree_trace, ys) = scan_wrapper(step_fn, init, xs, length, reverse, **msg["kwargs"])
-        user_carry, self.decode_state, log_q, _ = carry
-        self.log_q = self.log_q + log_q
-        msg["value"] = ((i, rng_key, user_carry), (pytree_trace, ys))
-
-    def _cond(self, msg):
-        """Decode inside each branch of the cond; both branches reach the same sites."""
-        pred, true_fun, false_fun, operand = msg["args"]
-        key = self._block_key()
-
-        def branch(fun):
-            def run(packed):
-                operand, state = packed
-                inner = propose(fun, self.network, self.spec, state, key, step=self.step)
-                return inner(operand), inner.decode_state, inner.log_q
-            return run
-
-        (value, state, log_q), pytree_trace = cond_wrapper(pred, branch(true_fun), branch(false_fun),
-                                                           (operand, self.decode_state), **msg["kwargs"])
-        self.decode_state = state
-        self.log_q = self.log_q + log_q
-        msg["value"] = (value, pytree_trace)
 
 
 def log_joint(trace: dict) -> jax.Array:
@@ -298,20 +166,68 @@ class EagerDecoder:
         self.init, self.decode = init, decode
 
 
-class _EagerProposer(propose):
-    """:class:`propose` for an eagerly running model: each site calls the compiled decoder."""
+class propose(Messenger):
+    """Draw every latent site of an eagerly running model from the proposal, given the
+    sites drawn before it (the universal path), accumulating ``log_q``.
+
+    Each site calls the compiled ``decoder``. Sites marked
+    ``infer={"jaxic": {"propose": False}}`` are drawn from their prior (their values
+    still reach later sites through the network).
+
+    Example:
+        >>> handler = propose(handlers.condition(model, obs), decoder, params, statistics, state, key)
+        >>> trace = handlers.trace(handlers.seed(handler, 0)).get_trace()
+        >>> handler.log_q
+    """
 
     def __init__(self, fn, decoder: EagerDecoder, params, statistics, decode_state, key):
-        super().__init__(fn, None, decoder.spec, decode_state, key)
         self.decoder, self.params, self.statistics = decoder, params, statistics
+        self.spec = decoder.spec
+        self.decode_state = decode_state
+        self.key = key
+        self.log_q = jnp.zeros(())
+        self._addresses = {s.name: a for a, s in enumerate(self.spec.latents)}
+        super().__init__(fn)
 
-    def _decode(self, address, site, key, first_instance, mask, given):
+    def process_message(self, msg):
+        if msg["type"] == "control_flow":
+            raise ModelError("numpyro.contrib.control_flow (scan, cond) runs under jit; a model on the universal "
+                             "path uses Python control flow instead, or write the whole model for the masked path.")
+        if msg["type"] != "sample" or msg["is_observed"] or msg["value"] is not None:
+            return
+        name = msg["name"]
+        if name not in self._addresses:
+            raise ModelError(
+                f"site '{name}' ran at inference but was not seen when the trace spec was derived; "
+                "the model must reach the same sites on every run (use handlers.mask for optional sites)."
+            )
+        address = self._addresses[name]
+        site = self.spec.latents[address]
+        mask = site_mask(msg["fn"], site.batch_shape).reshape(-1)
+        key = jax.random.fold_in(self.key, address)
+        width = self.spec.value_dim
+        if site.propose:
+            tokens, log_q = self._decode(address, site, key, mask, None)
+            value = from_tokens(site, msg["fn"], tokens)
+            _, log_det = as_tokens(site, msg["fn"], value, width)
+            self.log_q = self.log_q + jnp.sum(jnp.where(mask, log_q - log_det, 0.0))
+        else:
+            prior_key, decode_key = jax.random.split(key)
+            value = msg["fn"](rng_key=prior_key, sample_shape=msg["kwargs"].get("sample_shape", ()))
+            tokens, _ = as_tokens(site, msg["fn"], value, width)
+            self._decode(address, site, decode_key, mask, tokens)
+            # q equals the prior here, so the site's prior cancels in the weight.
+            self.log_q = self.log_q + jnp.sum(msg["fn"].log_prob(value))
+        msg["value"] = value
+
+    def _decode(self, address, site, key, mask, given):
+        """Decode (or, with ``given`` tokens, score and append) the site's tokens one by one."""
         n = site.num_tokens
         teacher = given is not None
         values = given if teacher else jnp.zeros((n, self.spec.value_dim))
         self.decode_state, outputs = self.decoder.decode(
             self.params, self.statistics, self.decode_state, jax.random.split(key, n), address,
-            self.spec.dist_types.index(site.dist_type), first_instance + jnp.arange(n), mask, values, teacher=teacher)
+            self.spec.dist_types.index(site.dist_type), jnp.arange(n), mask, values, teacher=teacher)
         return outputs
 
 
@@ -334,7 +250,7 @@ def importance_sample_eager(decoder: EagerDecoder, params, statistics, model: Ca
     for particle_key in jax.random.split(key, num_particles):
         proposal_key, model_key = jax.random.split(particle_key)
         conditioned = handlers.condition(handlers.seed(model, model_key), data=observations)
-        handler = _EagerProposer(conditioned, decoder, params, statistics, prefix_state, proposal_key)
+        handler = propose(conditioned, decoder, params, statistics, prefix_state, proposal_key)
         trace = handlers.trace(handler).get_trace()
         for site in spec.latents:
             if site.name in trace:

@@ -28,18 +28,13 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.contrib.control_flow import scan
+from scipy.special import logsumexp, softmax
 
 from jaxic.control_flow import rejection_sample
 
 
 def _normal_log_pdf(x, mean, sd):
     return -0.5 * ((x - mean) / sd) ** 2 - np.log(sd) - 0.5 * math.log(2 * math.pi)
-
-
-def _normalise_log(log_w, axis=-1):
-    log_w = log_w - log_w.max(axis=axis, keepdims=True)
-    w = np.exp(log_w)
-    return w / w.sum(axis=axis, keepdims=True)
 
 
 def _mixture_moments(probs, means, variances):
@@ -119,7 +114,7 @@ def poisson_branch_posterior(obs, rate: float = 3.0, threshold: int = 2, noise: 
     # obs | n is N(prior mean of the branch's variable, sqrt(1 + noise^2)).
     branch_mean = np.where(upper, n, -2.0)
     log_post = log_prior + _normal_log_pdf(obs, branch_mean, math.sqrt(1.0 + noise**2))
-    n_probs = _normalise_log(log_post)
+    n_probs = softmax(log_post, axis=-1)
     precision = 1.0 + 1.0 / noise**2
     cond_mean = (branch_mean + obs / noise**2) / precision
     cond_var = np.full_like(cond_mean, 1.0 / precision)
@@ -195,7 +190,7 @@ def random_objects_posterior(obs, count_signal, max_objects: int = 4, probs=None
     prior_var = n * prior_sd**2
     log_post = (np.log(probs) + _normal_log_pdf(count_signal, n, 1.0)
                 + _normal_log_pdf(obs, 0.0, np.sqrt(prior_var + noise**2)))
-    n_probs = _normalise_log(log_post)
+    n_probs = softmax(log_post, axis=-1)
     gain = prior_var / (prior_var + noise**2)
     total_mean, total_sd = _mixture_moments(n_probs, gain * obs, gain * noise**2)
     return {"n_probs": n_probs, "total_mean": total_mean, "total_sd": total_sd}
@@ -268,22 +263,16 @@ def hmm_posterior(y, num_states: int = 3, init_probs=None, transition=None, mean
     log_emit = _normal_log_pdf(y[:, None], means[None, :], sd)
     log_trans = np.log(transition)
 
-    def log_matvec(log_v, log_m):  # log(sum_i exp(log_v[i] + log_m[i, j]))
-        s = log_v[:, None] + log_m
-        top = s.max(0)
-        return top + np.log(np.exp(s - top).sum(0))
-
     num_steps = y.shape[0]
     alpha = np.zeros((num_steps, num_states))
     beta = np.zeros((num_steps, num_states))
     alpha[0] = np.log(init_probs) + log_emit[0]
     for t in range(1, num_steps):
-        alpha[t] = log_matvec(alpha[t - 1], log_trans) + log_emit[t]
+        alpha[t] = logsumexp(alpha[t - 1][:, None] + log_trans, axis=0) + log_emit[t]
     for t in range(num_steps - 2, -1, -1):
-        beta[t] = log_matvec(beta[t + 1] + log_emit[t + 1], log_trans.T)
-    top = alpha[-1].max()
-    log_evidence = top + np.log(np.exp(alpha[-1] - top).sum())
-    return {"marginals": _normalise_log(alpha + beta), "log_evidence": log_evidence}
+        beta[t] = logsumexp(log_trans + (beta[t + 1] + log_emit[t + 1])[None, :], axis=1)
+    log_evidence = logsumexp(alpha[-1])
+    return {"marginals": softmax(alpha + beta, axis=-1), "log_evidence": log_evidence}
 
 
 # --- rejection sampling ---------------------------------------------------------------------

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
