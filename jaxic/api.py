@@ -24,13 +24,10 @@ from jaxic.errors import CheckpointError, JaxicError, ModelError, ObservationErr
 from jaxic.heads import head_for_site
 from jaxic.inference import Posterior, importance_sample
 from jaxic.inference.importance import EagerDecoder, importance_sample_eager
-from jaxic.networks import TransformerConfig, proposal_statistics
+from jaxic.networks import NETWORKS, TransformerConfig, proposal_statistics
 from jaxic.objectives import ForwardKL, forward_kl_loss
 from jaxic.tracing import (TraceDataset, TraceSpec, derive_trace_spec, derive_universal_spec, sample_joint,
                            sample_universal)
-
-NETWORKS = {"transformer": TransformerConfig}
-
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
