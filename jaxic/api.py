@@ -17,17 +17,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from numpyro import handlers
 from tqdm.auto import tqdm
 
-from jaxic import checkpoint, training
+from jaxic import checkpoint, parallel, training
 from jaxic.errors import CheckpointError, JaxicError, ModelError, ObservationError, UntraceableModelError
 from jaxic.heads import head_for_site
 from jaxic.inference import Posterior, importance_sample
 from jaxic.inference.importance import EagerDecoder, importance_sample_eager
 from jaxic.networks import NETWORKS, TransformerConfig, proposal_statistics
-from jaxic.objectives import ForwardKL, forward_kl_loss
-from jaxic.tracing import (TraceDataset, TraceSpec, derive_trace_spec, derive_universal_spec, sample_joint,
-                           sample_universal)
+from jaxic.objectives import OBJECTIVES, ForwardKL, LocalPlate, forward_kl_loss
+from jaxic.tracing import (ParameterisedModel, TraceDataset, TraceSpec, derive_trace_spec, derive_universal_spec,
+                           find_model_params, sample_joint, sample_universal)
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -61,32 +62,60 @@ class CompiledModel:
 
     def __init__(self, model, model_args, model_kwargs, spec: TraceSpec, network_config, train_config: TrainConfig,
                  network, optimizer: optax.GradientTransformation, key: jax.Array, validation,
-                 dataset: TraceDataset | None = None):
+                 dataset: TraceDataset | None = None, objective=None, data: Mapping | None = None,
+                 plate: LocalPlate | None = None, model_params: Mapping | None = None,
+                 param_constraints: Mapping | None = None, devices: Any = None):
         # ``key`` is the key given to compile: it determines the training keys and the validation set.
         self.model = model
         self.model_args = tuple(model_args)
         self.model_kwargs = dict(model_kwargs or {})
-        self._bound = _bind(model, model_args, model_kwargs)
+        self._full_model = _bind(model, model_args, model_kwargs)
+        self.plate = plate
+        # With local amortization the proposal (and inference) sees one element of the plate.
+        self._bound = plate.element_model(self._full_model, 0) if plate is not None else self._full_model
+        self.param_constraints = dict(param_constraints or {})
+        self.objective = ForwardKL(spec=spec) if objective is None else objective
+        self.data = None if data is None else {k: jnp.asarray(v, jnp.float32) for k, v in data.items()}
         self.spec = spec
         self.network_config = network_config
         self.train_config = train_config
         self.graphdef, params, statistics = nnx.split(network, nnx.Param, ...)
         self.optimizer = training.guard(optimizer)
         self.compile_key = key
-        self.state = training.init(params, statistics, self.optimizer, jax.random.split(key, 4)[3])
+        self.state = training.init(params, statistics, self.optimizer, jax.random.split(key, 4)[3], model_params)
         self.validation = validation
         self.history: dict[str, list] = {"loss": [], "validation_step": [], "validation_loss": [], "skipped": []}
         self.dataset = dataset
         self._batches = None
+        self._setup_devices(devices)
         if self.path == "masked":
-            objective = ForwardKL(spec, self._bound)
-            step = training.build_step(self.graphdef, objective, self.optimizer, train_config.batch_size)
-            self._multi_step = jax.jit(training.build_multi_step(step, train_config.steps_per_call))
+            # Data objectives pick their own plate elements; the others train on one element.
+            objective_model = self._full_model if self.objective.needs_data else self._bound
+            step = training.build_step(self.graphdef, self.objective, self.optimizer, train_config.batch_size,
+                                       objective_model, self.param_constraints)
+            self._multi_step = jax.jit(training.build_multi_step(step, train_config.steps_per_call),
+                                       **({} if self.mesh is None else {"out_shardings": parallel.replicated(self.mesh)}))
         else:
             self._batch_step = jax.jit(training.build_batch_step(self.graphdef, forward_kl_loss, self.optimizer))
         self._validate = jax.jit(functools.partial(training.evaluate, forward_kl_loss, self.graphdef))
         self._samplers: dict[tuple[int, bool], Callable] = {}
         self._eager_decoder = EagerDecoder(self.graphdef, spec) if spec.dynamic else None
+
+    def _setup_devices(self, devices) -> None:
+        """Data parallelism (``devices=``): batch split over a mesh, everything else replicated on it."""
+        devices = parallel.resolve_devices(devices)
+        self.mesh = None if devices is None else parallel.data_mesh(devices)
+        if self.mesh is None:
+            return
+        if self.path != "masked":
+            raise JaxicError(f"devices= trains on several devices on the masked path only; this model takes the "
+                             f"{self.path} path. Drop devices= (or make the model jit: see jaxic.control_flow).")
+        parallel.check_divisible(self.train_config.batch_size, self.mesh, "batch_size")
+        self.objective = dataclasses.replace(self.objective, batch_sharding=parallel.batch_sharding(self.mesh))
+        self.state = parallel.replicate(self.state, self.mesh)
+        self.validation = parallel.replicate(self.validation, self.mesh)
+        if self.data is not None:
+            self.data = parallel.replicate(self.data, self.mesh)
 
     @property
     def path(self) -> str:
@@ -110,6 +139,18 @@ class CompiledModel:
     @property
     def step(self) -> int:
         return int(self.state.step)
+
+    @property
+    def model_params(self) -> dict[str, Any]:
+        """The model's learnable parameters (``numpyro.param`` / ``nnx_module`` sites), constrained.
+
+        Example:
+            >>> compiled.model_params["decoder$params"]
+        """
+        return self._parameterised_model(self.state.model_params).constrained()
+
+    def _parameterised_model(self, model_params) -> ParameterisedModel:
+        return ParameterisedModel(self._bound, model_params, self.param_constraints)
 
     @property
     def num_parameters(self) -> int:
@@ -164,7 +205,10 @@ class CompiledModel:
 
     def _run_steps(self, active: int) -> tuple[np.ndarray, np.ndarray]:
         if self.path == "masked":
-            self.state, info = self._multi_step(self.state, active)
+            if self.objective.needs_data and self.data is None:
+                raise JaxicError(f"the {type(self.objective).__name__} objective trains on real observations: pass "
+                                 "data={site: array with one row per data point} to jaxic.compile / jaxic.load.")
+            self.state, info = self._multi_step(self.state, active, self.data)
             return np.asarray(info.loss)[:active], np.asarray(info.skipped)[:active]
         losses, skipped = [], []
         for _ in range(active):
@@ -187,6 +231,17 @@ class CompiledModel:
         out, batch_shapes = {}, {}
         for name, site in expected.items():
             value = jnp.asarray(observations[name], jnp.float32)
+            if self.plate is not None:
+                # One data point of the plate, or a batch of them: the plate axis is implicit.
+                if value.shape == site.shape[1:]:
+                    value = value[None]
+                elif value.shape[1:] == site.shape[1:]:
+                    value = value[:, None]
+                else:
+                    raise ObservationError(
+                        f"observation of site '{name}' has shape {value.shape}; expected {site.shape[1:]} for one "
+                        f"data point of plate '{self.plate.name}' or (n, {', '.join(map(str, site.shape[1:]))}) "
+                        "for n of them.")
             if value.shape == site.shape:
                 batch_shapes[name] = ()
             elif value.ndim == len(site.shape) + 1 and value.shape[1:] == site.shape:
@@ -202,28 +257,40 @@ class CompiledModel:
 
     def _sampler(self, num_samples: int, batched: bool) -> Callable:
         if (num_samples, batched) not in self._samplers:
-            def run(params, statistics, key, observations):
+            def run(params, statistics, model_params, key, observations):
                 network = nnx.merge(self.graphdef, params, statistics)
-                return importance_sample(network, self.spec, self._bound, key, observations, num_samples)
+                return importance_sample(network, self.spec, self._parameterised_model(model_params), key,
+                                         observations, num_samples,
+                                         None if self.mesh is None else parallel.batch_sharding(self.mesh))
 
             if batched:
                 single = run
-                run = lambda p, s, key, obs: jax.vmap(
-                    lambda k, o: single(p, s, k, o))(jax.random.split(key, jax.tree.leaves(obs)[0].shape[0]), obs)
-            self._samplers[(num_samples, batched)] = jax.jit(run)
+                run = lambda p, s, m, key, obs: jax.vmap(lambda k, o: single(p, s, m, k, o))(
+                    jax.random.split(key, jax.tree.leaves(obs)[0].shape[0]), obs)
+            # Replicated results stay readable on every host of a multi-host mesh.
+            self._samplers[(num_samples, batched)] = jax.jit(
+                run, **({} if self.mesh is None else {"out_shardings": parallel.replicated(self.mesh)}))
         return self._samplers[(num_samples, batched)]
 
     def posterior(self, key: jax.Array, observations: Mapping[str, Any], num_samples: int = 1000) -> Posterior:
         """Importance-sampling posterior for one observation set, or for a batch of them at once.
 
         Give each observed site either its own shape or a leading batch axis of n
-        observations: the result then has ``batch_shape == (n,)``.
+        observations: the result then has ``batch_shape == (n,)``. Compiled with ``devices=``,
+        the particles are split over the devices (``num_samples`` must divide their number).
         """
         observations, batch_shape = self._check_observations(observations)
         if self.spec.dynamic:
             return self._posterior_eager(key, observations, batch_shape, int(num_samples))
+        if self.mesh is not None:
+            parallel.check_divisible(int(num_samples), self.mesh, "num_samples")
+            key, observations = parallel.replicate((key, observations), self.mesh)
         result = self._sampler(int(num_samples), bool(batch_shape))(
-            self.state.params, self.statistics, key, observations)
+            self.state.params, self.statistics, self.state.model_params, key, observations)
+        if self.plate is not None:  # drop the element's plate axis (length one) after the particles
+            axis = len(batch_shape) + 1
+            result = result._replace(samples={k: v.squeeze(axis) for k, v in result.samples.items()},
+                                     executed={k: v.squeeze(axis) for k, v in result.executed.items()})
         return Posterior(*result)
 
     def _posterior_eager(self, key, observations, batch_shape, num_samples) -> Posterior:
@@ -245,6 +312,8 @@ class CompiledModel:
         treedef = jax.tree.structure(self.state._replace(key=jax.random.key_data(self.state.key)))
         state = jax.tree.unflatten(treedef, [jnp.asarray(a) for a in arrays])
         self.state = state._replace(key=jax.random.wrap_key_data(state.key))
+        if self.mesh is not None:
+            self.state = parallel.replicate(self.state, self.mesh)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write network, optimizer state, step, PRNG key, trace spec and configuration (atomically)."""
@@ -253,6 +322,8 @@ class CompiledModel:
             "trace_spec": self.spec.to_json(),
             "network": {"type": network_name, "config": dataclasses.asdict(self.network_config)},
             "train_config": dataclasses.asdict(self.train_config),
+            "objective": _objective_metadata(self.objective),
+            "local_plate": None if self.plate is None else dataclasses.asdict(self.plate),
             "compile_key": np.asarray(jax.random.key_data(self.compile_key)).tolist(),
             "history": {k: [x if isinstance(x, int) else float(x) for x in v] for k, v in self.history.items()},
         }
@@ -260,6 +331,72 @@ class CompiledModel:
 
 
 PATHS = ("auto", "masked", "universal")
+
+
+def _objective_metadata(objective) -> dict:
+    name = {v: k for k, v in OBJECTIVES.items()}[type(objective)]
+    options = {f.name: getattr(objective, f.name) for f in dataclasses.fields(objective)
+               if f.name not in ("spec", "plate", "batch_sharding")}
+    return {"name": name, "options": options}
+
+
+def _resolve_objective(objective):
+    """An objective from its name or instance (without its spec yet)."""
+    if objective is None:
+        return ForwardKL()
+    if isinstance(objective, str):
+        if objective not in OBJECTIVES:
+            raise JaxicError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)} or pass an "
+                             "instance such as jaxic.objectives.ELBO(num_particles=4).")
+        return OBJECTIVES[objective]()
+    if type(objective) not in OBJECTIVES.values():
+        raise JaxicError(f"objective must be a name in {sorted(OBJECTIVES)} or an instance of "
+                         f"{[c.__name__ for c in OBJECTIVES.values()]}, got {objective!r}.")
+    return objective
+
+
+def _local_plate(bound: Callable, name: str, observed: Sequence[str]) -> LocalPlate:
+    """Check that every latent and observed site lies inside plate ``name``; its full size."""
+    trace = handlers.trace(handlers.seed(bound, jax.random.key(0))).get_trace()
+    plates = sorted(n for n, site in trace.items() if site["type"] == "plate")
+    if name not in plates:
+        raise ModelError(f"local_plate={name!r} is not a plate of the model; its plates are {plates}.")
+    outside = [n for n, site in trace.items() if site["type"] == "sample"
+               and name not in {frame.name for frame in site["cond_indep_stack"]}]
+    if outside:
+        raise ModelError(f"sites {outside} lie outside plate '{name}': with local_plate every latent and observed "
+                         "site belongs to one data point. Make global quantities learnable parameters "
+                         "(numpyro.param) or amortize over whole observation sets (no local_plate).")
+    misplaced = [n for n, site in trace.items() if site["type"] == "sample" and
+                 jnp.ndim(site["value"]) - len(site["fn"].event_shape) + [f.dim for f in site["cond_indep_stack"]
+                                                                       if f.name == name][0] != 0]
+    if misplaced:
+        raise ModelError(f"plate '{name}' is not the leading axis of sites {misplaced}; make it the outermost "
+                         "plate so that one row of the data is one data point.")
+    return LocalPlate(name, int(trace[name]["args"][0]))
+
+
+def _check_data(data: Mapping | None, spec: TraceSpec, plate: LocalPlate | None) -> dict | None:
+    if data is None:
+        return None
+    expected = {o.name: (o.shape[1:] if plate is not None else o.shape) for o in spec.observed}
+    if set(data) != set(expected):
+        raise ObservationError(f"data has sites {sorted(data)}; give one array per observed site {sorted(expected)}.")
+    out = {}
+    for name, row_shape in expected.items():
+        value = np.asarray(data[name], np.float32)
+        if value.shape[1:] != row_shape:
+            raise ObservationError(f"data['{name}'] has shape {value.shape}; expected (n, "
+                                   f"{', '.join(map(str, row_shape))}) with one row per data point.")
+        if plate is not None and value.shape[0] != plate.size:
+            raise ObservationError(f"data['{name}'] has {value.shape[0]} rows but plate '{plate.name}' has size "
+                                   f"{plate.size} in the model; pass the data size to the model (e.g. "
+                                   "model_kwargs={'num_data': len(x)}).")
+        out[name] = jnp.asarray(value)
+    if len({v.shape[0] for v in out.values()}) > 1:
+        raise ObservationError(f"data arrays disagree on the number of data points: "
+                               f"{ {k: v.shape[0] for k, v in out.items()} }.")
+    return out
 
 
 def _derive_spec(bound, observed, path: str, key, pilot_traces: int, max_tokens: int | None) -> TraceSpec:
@@ -281,12 +418,24 @@ def _derive_spec(bound, observed, path: str, key, pilot_traces: int, max_tokens:
 
 def _build(model, model_args, model_kwargs, observed, key, network_config, train_config: TrainConfig,
            optimizer, observation_embedders, path: str = "auto", dataset: TraceDataset | None = None,
-           spec: TraceSpec | None = None, pilot_traces: int = 256, max_tokens: int | None = None) -> CompiledModel:
-    bound = _bind(model, model_args, model_kwargs)
+           spec: TraceSpec | None = None, pilot_traces: int = 256, max_tokens: int | None = None,
+           objective=None, data: Mapping | None = None, local_plate: str | None = None,
+           devices: Any = None) -> CompiledModel:
+    full = _bind(model, model_args, model_kwargs)
+    plate = _local_plate(full, local_plate, observed) if local_plate is not None else None
+    bound = plate.element_model(full, 0) if plate is not None else full
+    objective = _resolve_objective(objective)
+    if objective.needs_data and (dataset is not None or path == "universal"):
+        raise JaxicError(f"the {type(objective).__name__} objective runs the proposal alongside the model on real "
+                         "data, which needs the masked path: no dataset=, no path='universal'.")
     init_key, stats_key, validation_key, _ = jax.random.split(key, 4)  # the last one trains
     if spec is None:
-        spec = dataset.spec if dataset is not None else _derive_spec(bound, observed, path, stats_key,
-                                                                     pilot_traces, max_tokens)
+        spec = dataset.spec if dataset is not None else _derive_spec(
+            bound, observed, "masked" if (plate is not None or objective.needs_data) else path, stats_key,
+            pilot_traces, max_tokens)
+    data = _check_data(data, spec, plate)
+    objective = dataclasses.replace(objective, spec=spec, **({"plate": plate} if hasattr(objective, "plate") else {}))
+    model_params, param_constraints = find_model_params(full, init_key)
     if dataset is not None:
         validation = jax.tree.map(jnp.asarray, dataset.validation())
         tokens, observations = validation
@@ -299,23 +448,32 @@ def _build(model, model_args, model_kwargs, observed, key, network_config, train
         tokens, observations = draw(stats_key, train_config.statistics_size)
         validation = draw(validation_key, train_config.validation_size)
     heads = [head_for_site(s, network_config.num_components) for s in spec.latents]
+    if data is not None:  # the network reads real observations: standardise with their moments
+        observations = {k: (v[:, None] if plate is not None else v) for k, v in data.items()}
     stats = proposal_statistics(spec, heads, jax.tree.map(jnp.asarray, tokens),
                                 jax.tree.map(jnp.asarray, observations))
     network = network_config.build(spec, stats, nnx.Rngs(init_key), observation_embedders)
     if optimizer is None:
         optimizer = training.default_optimizer(train_config.num_steps, train_config.learning_rate)
     return CompiledModel(model, model_args, model_kwargs, spec, network_config, train_config, network,
-                         optimizer, key, jax.tree.map(jnp.asarray, validation), dataset)
+                         optimizer, key, jax.tree.map(jnp.asarray, validation), dataset, objective, data, plate,
+                         model_params, param_constraints, devices)
 
 
 def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps: int = 2000, *,
             model_args: Sequence = (), model_kwargs: Mapping | None = None,
-            network: TransformerConfig | None = None, optimizer: optax.GradientTransformation | None = None,
+            network: Any = None, optimizer: optax.GradientTransformation | None = None,
             batch_size: int = 64, learning_rate: float = 3e-3, validation_size: int = 1024,
             observation_embedders: Mapping[str, nnx.Module] | None = None,
             path: str = "auto", dataset: TraceDataset | str | os.PathLike | None = None,
-            pilot_traces: int = 256, max_tokens: int | None = None, progress: bool = True) -> CompiledModel:
-    """Compile an amortized proposal for a NumPyro model by inference compilation.
+            pilot_traces: int = 256, max_tokens: int | None = None, objective: Any = None,
+            data: Mapping[str, Any] | None = None, local_plate: str | None = None,
+            progress: bool = True, devices: Any = None) -> CompiledModel:
+    """Compile an amortized proposal (an inference network) for a NumPyro model.
+
+    By default it trains by inference compilation (forward KL on fresh joint samples, no
+    data needed). With ``objective="elbo"`` or ``"rws"`` it trains on real ``data`` and also
+    learns the model's own parameters (``numpyro.param``, ``numpyro.contrib.module``).
 
     Args:
         model: a plain generative NumPyro model.
@@ -323,7 +481,9 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
         key: PRNG key for initialisation, statistics, validation set and training.
         num_steps: optimisation steps (each draws ``batch_size`` fresh joint traces).
         model_args, model_kwargs: fixed arguments of the model.
-        network: network configuration (default :class:`jaxic.networks.TransformerConfig`).
+        network: network configuration (default :class:`jaxic.networks.TransformerConfig`), or the
+            name of one in ``jaxic.networks.NETWORKS`` with default sizes (``"transformer"``, ``"lstm"``,
+            ``"feedforward"``).
         optimizer: an optax optimizer (default AdamW, warm-up and cosine decay). Non-finite
             steps are always skipped and counted in ``history["skipped"]``.
         observation_embedders: per observed site, an ``nnx.Module`` mapping the observation to a
@@ -336,6 +496,19 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
             fresh joint samples; its first ``validation_size`` traces are held out.
         pilot_traces, max_tokens: universal path only: eager runs that discover the addresses, and
             the longest trace (in tokens) the proposal handles (default: 25% above the pilots').
+        objective: ``"forward_kl"`` (default), ``"elbo"`` (amortized variational inference; reparameterised
+            and score-function gradients), ``"rws"`` (reweighted wake-sleep), or an instance from
+            ``jaxic.objectives`` with options, e.g. ``ELBO(num_particles=4)``.
+        data: for ``"elbo"``/``"rws"``: per observed site an array with one row per data point
+            (each step uses a random minibatch of ``batch_size`` rows).
+        local_plate: name of a plate holding every site of the model (one data point each): the
+            proposal is ``q(z | x) = prod_n q(z_n | x_n)``, compiled for one element, so any plate size
+            (and subsampled plates) cost the same. ``data`` rows are then the plate's elements.
+        devices: data parallelism (masked path): ``None`` (default) trains on one device; ``"all"``
+            (every device of every host, after ``jax.distributed.initialize()`` on each host), a
+            number of devices, or a list of devices splits each batch (traces, data points) and
+            the posterior's particles over a 1-D mesh, with parameters replicated. ``batch_size``
+            must divide evenly over the devices; the loss is that of one device on the same batch.
 
     Example:
         >>> compiled = jaxic.compile(model, observed=["obs"], key=jax.random.key(0), num_steps=3000,
@@ -346,6 +519,11 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
         observed = [observed]
     if num_steps < 0:
         raise JaxicError(f"num_steps must be >= 0, got {num_steps}.")
+    if isinstance(network, str):
+        if network not in NETWORKS:
+            raise JaxicError(f"unknown network {network!r}; choose one of {sorted(NETWORKS)} or pass a "
+                             "configuration such as jaxic.networks.LSTMConfig(lstm_dim=128).")
+        network = NETWORKS[network]()
     network = TransformerConfig() if network is None else network
     train_config = TrainConfig(num_steps=num_steps, batch_size=batch_size, learning_rate=learning_rate,
                                validation_size=validation_size, custom_optimizer=optimizer is not None,
@@ -353,18 +531,22 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
     if dataset is not None and not isinstance(dataset, TraceDataset):
         dataset = TraceDataset(dataset, holdout=validation_size)
     compiled = _build(model, model_args, model_kwargs, observed, key, network, train_config, optimizer,
-                      observation_embedders, path, dataset, pilot_traces=pilot_traces, max_tokens=max_tokens)
+                      observation_embedders, path, dataset, pilot_traces=pilot_traces, max_tokens=max_tokens,
+                      objective=objective, data=data, local_plate=local_plate, devices=devices)
     return compiled.train(num_steps, progress=progress)
 
 
 def load(path: str | os.PathLike, model: Callable, *, model_args: Sequence = (), model_kwargs: Mapping | None = None,
          optimizer: optax.GradientTransformation | None = None,
          observation_embedders: Mapping[str, nnx.Module] | None = None,
-         dataset: TraceDataset | str | os.PathLike | None = None) -> CompiledModel:
+         dataset: TraceDataset | str | os.PathLike | None = None,
+         data: Mapping[str, Any] | None = None, devices: Any = None) -> CompiledModel:
     """Load a proposal saved with :meth:`CompiledModel.save` for ``model``.
 
     The model's trace spec must match the saved one; training continues exactly as
-    the uninterrupted run would have.
+    the uninterrupted run would have. The model's learned parameters come back too;
+    ``data`` is needed only to train further with an objective that reads data;
+    ``devices`` as in :func:`compile` (a runtime choice, not saved).
 
     Example:
         >>> compiled = jaxic.load("proposal_ckpt/", model, model_kwargs={"M": 20})
@@ -373,7 +555,10 @@ def load(path: str | os.PathLike, model: Callable, *, model_args: Sequence = (),
     saved_spec = TraceSpec.from_json(metadata["trace_spec"])
     observed = [o.name for o in saved_spec.observed]
     bound = _bind(model, model_args, model_kwargs)
+    local = (metadata.get("local_plate") or {}).get("name")
     try:
+        if local is not None:
+            bound = _local_plate(bound, local, observed).element_model(bound, 0)
         if saved_spec.dynamic:  # addresses were discovered by pilot runs: check that fresh runs fit
             spec = saved_spec
             sample_universal(spec, bound, jax.random.key(0), 4)
@@ -397,9 +582,12 @@ def load(path: str | os.PathLike, model: Callable, *, model_args: Sequence = (),
     compile_key = jax.random.wrap_key_data(jnp.asarray(metadata["compile_key"], jnp.uint32))
     if dataset is not None and not isinstance(dataset, TraceDataset):
         dataset = TraceDataset(dataset, holdout=train_config.validation_size)
+    objective_meta = metadata.get("objective", {"name": "forward_kl", "options": {}})
+    objective = OBJECTIVES[objective_meta["name"]](**objective_meta["options"])
     compiled = _build(model, model_args, model_kwargs, observed, compile_key, network_config,
                       dataclasses.replace(train_config, statistics_size=16), optimizer, observation_embedders,
-                      dataset=dataset, spec=saved_spec if saved_spec.dynamic else None)
+                      dataset=dataset, spec=saved_spec if saved_spec.dynamic else None, objective=objective,
+                      data=data, local_plate=local, devices=devices)
     compiled.train_config = train_config
     compiled._restore_arrays(checkpoint.read_arrays(path, compiled._arrays()))
     compiled.history = {k: list(v) for k, v in metadata["history"].items()}

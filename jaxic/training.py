@@ -3,11 +3,14 @@
 The network is split once with ``nnx.split``; its trainable parameters travel
 through plain ``jax.jit``/``jax.grad`` and are merged back only inside the step.
 
+The model's own learnable parameters (``numpyro.param``, ``nnx_module``) train in the
+same step when the objective trains the model (the ELBO, reweighted wake-sleep).
+
 Example:
     >>> graphdef, params, stats = nnx.split(network, nnx.Param, Statistic)
-    >>> optimizer = default_optimizer(num_steps=1000)
+    >>> optimizer = guard(default_optimizer(num_steps=1000))
     >>> state = init(params, stats, optimizer, jax.random.key(0))
-    >>> step = jax.jit(build_step(graphdef, ForwardKL(spec, model), optimizer, batch_size=64))
+    >>> step = jax.jit(build_step(graphdef, ForwardKL(spec), optimizer, batch_size=64, model=model))
     >>> state, info = step(state)
 """
 
@@ -20,6 +23,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxic.tracing.params import ParameterisedModel
+
 # Far above any real run: non-finite steps are skipped and counted, never applied.
 _MAX_CONSECUTIVE_NONFINITE = 2**30
 
@@ -30,6 +35,7 @@ class TrainState(NamedTuple):
     opt_state: Any
     step: jax.Array
     key: jax.Array
+    model_params: Any = None  # the model's numpyro.param values, unconstrained ({} when it has none)
 
 
 class TrainInfo(NamedTuple):
@@ -63,37 +69,52 @@ def guard(optimizer: optax.GradientTransformation) -> optax.GradientTransformati
     return optax.apply_if_finite(optimizer, max_consecutive_errors=_MAX_CONSECUTIVE_NONFINITE)
 
 
-def init(params, statistics, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
-    """Initial training state. ``optimizer`` must be the one given to :func:`build_step`."""
-    return TrainState(params, statistics, optimizer.init(params), jnp.zeros((), jnp.int32), key)
+def init(params, statistics, optimizer: optax.GradientTransformation, key: jax.Array,
+         model_params: Any = None) -> TrainState:
+    """Initial training state. ``optimizer`` must be the one given to :func:`build_step`.
+
+    ``model_params``: the model's learnable parameters in unconstrained space
+    (:func:`jaxic.tracing.find_model_params`), optimised jointly with the network.
+    """
+    model_params = {} if model_params is None else model_params
+    return TrainState(params, statistics, optimizer.init((params, model_params)), jnp.zeros((), jnp.int32), key,
+                      model_params)
 
 
 def _update(optimizer, state: TrainState, loss, grads, key) -> tuple[TrainState, TrainInfo]:
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    trainable = (state.params, state.model_params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+    new = optax.apply_updates(trainable, updates)
     skipped = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
     # apply_if_finite already zeroes the update; also keep the old params bit-for-bit.
-    params = jax.tree.map(lambda new, old: jnp.where(skipped, old, new), params, state.params)
-    new_state = TrainState(params, state.statistics, opt_state, state.step + 1, key)
+    params, model_params = jax.tree.map(lambda n, o: jnp.where(skipped, o, n), new, trainable)
+    new_state = TrainState(params, state.statistics, opt_state, state.step + 1, key, model_params)
     return new_state, TrainInfo(loss, grad_norm, skipped)
 
 
-def build_step(graphdef, objective: Callable, optimizer: optax.GradientTransformation,
-               batch_size: int) -> Callable[[TrainState], tuple[TrainState, TrainInfo]]:
+def build_step(graphdef, objective: Callable, optimizer: optax.GradientTransformation, batch_size: int,
+               model: Callable | None = None, param_constraints: dict | None = None,
+               ) -> Callable[..., tuple[TrainState, TrainInfo]]:
     """One optimisation step of ``objective``; pure, so jit, scan or shard it freely.
 
+    The objective is called as ``objective(network, model, key, batch_size, data)`` where
+    ``model`` is a :class:`jaxic.tracing.ParameterisedModel` carrying the state's model
+    parameters. ``step(state)`` or, for objectives that read real data, ``step(state, data)``.
     ``optimizer`` should be wrapped with :func:`guard` (``init`` must use the same object).
     """
+    constraints = dict(param_constraints or {})
 
-    def loss_fn(params, statistics, key):
+    def loss_fn(trainable, statistics, key, data):
+        params, model_params = trainable
         network = nnx.merge(graphdef, params, statistics)
-        loss, _ = objective(network, key, batch_size)
+        loss, _ = objective(network, ParameterisedModel(model, model_params, constraints), key, batch_size, data)
         return loss
 
-    def step(state: TrainState) -> tuple[TrainState, TrainInfo]:
+    def step(state: TrainState, data=None) -> tuple[TrainState, TrainInfo]:
         key, step_key = jax.random.split(state.key)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, state.statistics, step_key)
+        trainable = (state.params, state.model_params)
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, state.statistics, step_key, data)
         return _update(optimizer, state, loss, grads, key)
 
     return step
@@ -110,12 +131,12 @@ def build_batch_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTrans
         >>> state, info = step(state, tokens, observations)
     """
 
-    def loss_of(params, statistics, *batch):
-        return loss_fn(nnx.merge(graphdef, params, statistics), *batch)
+    def loss_of(trainable, statistics, *batch):
+        return loss_fn(nnx.merge(graphdef, trainable[0], statistics), *batch)
 
     def step(state: TrainState, *batch) -> tuple[TrainState, TrainInfo]:
         key, _ = jax.random.split(state.key)
-        loss, grads = jax.value_and_grad(loss_of)(state.params, state.statistics, *batch)
+        loss, grads = jax.value_and_grad(loss_of)((state.params, state.model_params), state.statistics, *batch)
         return _update(optimizer, state, loss, grads, key)
 
     return step
@@ -127,13 +148,13 @@ def build_multi_step(step: Callable, chunk: int) -> Callable:
     ``num_active`` is a traced argument, so a final partial chunk reuses the same compilation.
     """
 
-    def idle(state: TrainState) -> tuple[TrainState, TrainInfo]:
+    def idle(state: TrainState, data) -> tuple[TrainState, TrainInfo]:
         nan = jnp.full((), jnp.nan)
         return state, TrainInfo(nan, nan, jnp.zeros((), bool))
 
-    def multi(state: TrainState, num_active):
+    def multi(state: TrainState, num_active, data=None):
         def body(state, i):
-            return jax.lax.cond(i < num_active, step, idle, state)
+            return jax.lax.cond(i < num_active, step, idle, state, data)
 
         return jax.lax.scan(body, state, jnp.arange(chunk))
 

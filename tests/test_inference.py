@@ -112,14 +112,14 @@ def test_functional_core_traces_once_and_skips_nonfinite_steps():
     compiled = jaxic.compile(pedagogical, observed=["obs"], key=jax.random.key(0), num_steps=0,
                              model_kwargs={"M": 2}, progress=False)
     graphdef, params, stats = nnx.split(compiled.network, nnx.Param, Statistic)
-    forward_kl = ForwardKL(compiled.spec, compiled._bound)
+    forward_kl = ForwardKL(spec=compiled.spec)
 
-    def flaky(network, key, batch_size):  # every other step or so produces a NaN loss
-        loss, metrics = forward_kl(network, key, batch_size)
+    def flaky(network, model, key, batch_size, data):  # every other step or so produces a NaN loss
+        loss, metrics = forward_kl(network, model, key, batch_size, data)
         return jnp.where(jax.random.uniform(jax.random.fold_in(key, 1)) < 0.4, jnp.nan, loss), metrics
 
     optimizer = training.guard(training.default_optimizer(50))
-    step = jax.jit(chex.assert_max_traces(training.build_step(graphdef, flaky, optimizer, 32), n=1))
+    step = jax.jit(chex.assert_max_traces(training.build_step(graphdef, flaky, optimizer, 32, compiled._bound), n=1))
     state = training.init(params, stats, optimizer, jax.random.key(1))
     skipped = 0
     for _ in range(20):

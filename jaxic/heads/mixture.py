@@ -37,18 +37,45 @@ class MixtureHead:
     def feature_dim(self) -> int:
         return self.dim
 
-    def distribution(self, params: jax.Array) -> dist.Distribution:
+    def _parts(self, params):
         k, d = self.num_components, self.dim
         logits = params[:k]
         loc = params[k : k + k * d].reshape(k, d)
         scale = jax.nn.softplus(params[k + k * d : k + 2 * k * d].reshape(k, d)) + _MIN_SCALE
+        return logits, loc, scale
+
+    def distribution(self, params: jax.Array) -> dist.Distribution:
+        logits, loc, scale = self._parts(params)
         return dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
 
     def log_prob(self, params, value):
         return self.distribution(params).log_prob(value[: self.dim])
 
     def sample(self, key, params, width):
-        return jnp.pad(self.distribution(params).sample(key), (0, width - self.dim))
+        """A draw that is reparameterised in every parameter, mixture weights included.
+
+        The component choice is discrete, so the ELBO's pathwise gradient needs implicit
+        reparameterisation (Figurnov et al. 2018): through the distributional transform,
+        ``dz_i/dθ = -(dF_i/dθ) / q_i(z_i)`` with ``F_i`` the CDF of dimension ``i`` given the
+        earlier ones. The value is the ordinary mixture draw; only its gradient changes.
+        """
+        z = self.distribution(params).sample(key)
+        if self.num_components == 1:
+            return jnp.pad(z, (0, width - self.dim))
+        logits, loc, scale = self._parts(params)
+        z = jax.lax.stop_gradient(z)
+        log_weight = jax.nn.log_softmax(logits)
+        out = []
+        for i in range(self.dim):
+            weight = jax.nn.softmax(log_weight)
+            standard = (z[i] - loc[:, i]) / scale[:, i]
+            cdf = jnp.sum(weight * jax.scipy.special.ndtr(standard))
+            pdf = jnp.sum(weight * jnp.exp(-0.5 * standard**2) / (jnp.sqrt(2 * jnp.pi) * scale[:, i]))
+            z_i = z[i] - (cdf - jax.lax.stop_gradient(cdf)) / jax.lax.stop_gradient(jnp.maximum(pdf, 1e-30))
+            out.append(z_i)
+            # Weights of the next dimension given this one (through the reparameterised z_i).
+            log_weight = log_weight + dist.Normal(loc[:, i], scale[:, i]).log_prob(z_i)
+        return jnp.pad(jnp.stack(out), (0, width - self.dim))
 
     def features(self, value):
         return value[: self.dim]
@@ -65,6 +92,8 @@ class MixtureHead:
         # Components spread over the standardised prior (so they start distinct), with a
         # common scale that makes the initial mixture's variance exactly one.
         spread = jnp.linspace(-1.0, 1.0, k) if k > 1 else jnp.zeros(1)
+        # With few components the spread alone would use up the unit variance (k=2: scale 0).
+        spread = spread * min(1.0, float(jnp.sqrt(0.5 / jnp.maximum(jnp.mean(spread**2), 1e-12))))
         component_scale = float(jnp.sqrt(1.0 - jnp.mean(spread**2)))
         base = jnp.concatenate([
             jnp.zeros(k),

@@ -20,9 +20,10 @@ from numpyro import handlers
 from numpyro.primitives import Messenger
 
 from jaxic.errors import ModelError
+from jaxic.parallel import shard_batch
 from jaxic.tracing import TraceSpec
 from jaxic.tracing.spec import as_tokens, from_tokens, site_mask
-from jaxic.tracing.traces import trace_to_tokens
+from jaxic.tracing.traces import Tokens, trace_to_tokens
 
 
 class ImportanceSamples(NamedTuple):
@@ -49,7 +50,7 @@ def log_joint(trace: dict) -> jax.Array:
 
 
 def importance_sample(network, spec: TraceSpec, model: Callable, key: jax.Array,
-                      observations: Mapping[str, jax.Array], num_particles: int) -> ImportanceSamples:
+                      observations: Mapping[str, jax.Array], num_particles: int, sharding=None) -> ImportanceSamples:
     """Importance sampling for one set of observations; vmapped over particles.
 
     The proposal decodes the token positions in one compiled loop. Before each token,
@@ -58,16 +59,50 @@ def importance_sample(network, spec: TraceSpec, model: Callable, key: jax.Array,
     the part of the model that computes these, so models without data-dependent control
     flow pay nothing for it). A last run with every value substituted gives the trace and
     ``log p``. Compile time does not grow with the number of sites. Jit it (and vmap it
-    over observations) as :meth:`jaxic.CompiledModel.posterior` does.
+    over observations) as :meth:`jaxic.CompiledModel.posterior` does. ``sharding`` (e.g.
+    :func:`jaxic.parallel.batch_sharding`) splits the particles over devices.
 
     Example:
         >>> result = jax.jit(lambda k, y: importance_sample(net, spec, model, k, y, 1000))(key, {"obs": 25.0})
+    """
+    particles = sample_particles(network, spec, model, key, observations, num_particles, sharding)
+    return ImportanceSamples(particles.samples, particles.log_weights, particles.log_joint,
+                             particles.log_proposal, particles.executed)
+
+
+class Particles(NamedTuple):
+    """Everything the objectives need from proposal draws (leading axis: particles)."""
+
+    samples: dict[str, jax.Array]
+    log_weights: jax.Array
+    log_joint: jax.Array
+    log_proposal: jax.Array
+    executed: dict[str, jax.Array]
+    # log q of the draws that cannot be reparameterised (discrete tokens), for score-function
+    # gradients; differentiable in the network's parameters.
+    log_proposal_discrete: jax.Array
+    tokens: Tokens
+
+
+def sample_particles(network, spec: TraceSpec, model: Callable, key: jax.Array,
+                     observations: Mapping[str, jax.Array], num_particles: int, sharding=None) -> Particles:
+    """Proposal draws with their weights, tokens and score terms (see :func:`importance_sample`).
+
+    Continuous values are reparameterised (gradients flow from ``log_weights`` into the
+    network and the model's parameters); discrete ones carry their ``log q`` in
+    ``log_proposal_discrete`` for score-function estimators. ``sharding`` (e.g.
+    :func:`jaxic.parallel.batch_sharding`) splits the particles over devices.
+
+    Example:
+        >>> particles = sample_particles(network, spec, model, key, {"obs": 1.0}, 16)
+        >>> elbo = particles.log_weights.mean()
     """
     observations = {k: jnp.asarray(v, jnp.float32) for k, v in observations.items()}
     prefix_state = network.init_decode(observations)
     layout = spec.token_layout()
     num_tokens, width = spec.num_tokens, spec.value_dim
     prior_token = jnp.asarray(~np.asarray([spec.latents[a].propose for a in layout["address"]]))
+    discrete_token = jnp.asarray(np.asarray([spec.latents[a].is_discrete for a in layout["address"]]))
     has_prior_sites = not all(s.propose for s in spec.latents)
     layout = {k: jnp.asarray(v) for k, v in layout.items()}
 
@@ -92,19 +127,23 @@ def importance_sample(network, spec: TraceSpec, model: Callable, key: jax.Array,
         (_, values), log_q_tokens = jax.lax.scan(decode_one, (prefix_state, jnp.zeros((num_tokens, width))), inputs)
         trace = run_model(model_key, values)
         tokens, _ = trace_to_tokens(spec, trace)
-        log_q = jnp.sum(jnp.where(tokens.mask & ~prior_token, log_q_tokens - tokens.log_jacobian, 0.0))
+        proposed = tokens.mask & ~prior_token
+        log_q = jnp.sum(jnp.where(proposed, log_q_tokens - tokens.log_jacobian, 0.0))
+        log_q_discrete = jnp.sum(jnp.where(proposed & discrete_token, log_q_tokens, 0.0))
         # q equals the prior at prior-drawn sites, so their prior cancels in the weight.
         log_q = log_q + sum((jnp.sum(trace[s.name]["fn"].log_prob(trace[s.name]["value"]))
                              for s in spec.latents if not s.propose), jnp.zeros(()))
         log_p = log_joint(trace)
         samples = {s.name: trace[s.name]["value"] for s in spec.latents}
         executed = {s.name: site_mask(trace[s.name]["fn"], s.batch_shape) for s in spec.latents}
-        return samples, log_p - log_q, log_p, log_q, executed
+        return samples, log_p - log_q, log_p, log_q, executed, log_q_discrete, tokens
 
-    samples, log_w, log_p, log_q, executed = jax.vmap(particle)(jax.random.split(key, num_particles))
+    # Sharded keys make XLA run each device's share of the particles.
+    samples, log_w, log_p, log_q, executed, log_q_discrete, tokens = jax.vmap(particle)(
+        shard_batch(jax.random.split(key, num_particles), sharding))
     # A particle with a non-finite weight (e.g. outside the support) gets zero weight.
     log_w = jnp.where(jnp.isnan(log_w), -jnp.inf, log_w)
-    return ImportanceSamples(samples, log_w, log_p, log_q, executed)
+    return Particles(samples, log_w, log_p, log_q, executed, log_q_discrete, tokens)
 
 
 def _token_substitution(spec: TraceSpec, values: jax.Array) -> Callable:

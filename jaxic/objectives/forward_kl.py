@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -22,16 +22,21 @@ def forward_kl_loss(network, tokens: Tokens, observations: Mapping[str, jax.Arra
 
 @dataclasses.dataclass(frozen=True)
 class ForwardKL:
-    """Objective: fresh traces from the joint inside the jitted step, scored by the proposal.
+    """Inference compilation: fresh traces from the joint inside the jitted step, scored by the proposal.
+
+    Needs no data; never trains the model's parameters (its joint samples are drawn from
+    the model as it currently is).
 
     Example:
-        >>> objective = ForwardKL(spec, model)
-        >>> loss, metrics = objective(network, key, batch_size=64)
+        >>> objective = ForwardKL(spec=spec)
+        >>> loss, metrics = objective(network, ParameterisedModel(model, {}, {}), key, 64, None)
     """
 
-    spec: TraceSpec
-    model: Callable
+    spec: TraceSpec | None = None  # filled in by jaxic.compile
+    batch_sharding: Any = None  # jaxic.parallel.batch_sharding: traces split over devices (jaxic.compile devices=)
+    needs_data = False
+    trains_model = False
 
-    def __call__(self, network, key, batch_size: int):
-        tokens, observations = sample_joint(self.spec, self.model, key, batch_size)
+    def __call__(self, network, model, key, batch_size: int, data=None):
+        tokens, observations = sample_joint(self.spec, model.frozen(), key, batch_size, self.batch_sharding)
         return forward_kl_loss(network, tokens, observations), {}
