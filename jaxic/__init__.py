@@ -6,11 +6,12 @@ Example:
     >>> print(post.summary())
 """
 
-from jaxic import control_flow
+from jaxic import control_flow, diagnostics, parallel
 from jaxic.api import CompiledModel, TrainConfig, compile, load
 from jaxic.control_flow import bounded_while, rejection_sample
 from jaxic.errors import (CheckpointError, JaxicError, ModelError, ObservationError, UnsupportedDistributionError,
                           UntraceableModelError)
+from jaxic.export import to_arviz
 from jaxic.inference import Posterior, importance_sample
 from jaxic.networks import TransformerConfig
 from jaxic.tracing import TraceDataset, TraceSpec, TraceWriter, derive_trace_spec, sample_joint, write_traces
@@ -20,4 +21,5 @@ __version__ = "0.1.0"
 __all__ = ["control_flow", "bounded_while", "rejection_sample", "TraceDataset", "TraceWriter", "write_traces",
            "CompiledModel", "TrainConfig", "compile", "load", "CheckpointError", "JaxicError", "ModelError",
            "ObservationError", "UnsupportedDistributionError", "UntraceableModelError", "Posterior",
-           "importance_sample", "TransformerConfig", "TraceSpec", "derive_trace_spec", "sample_joint"]
+           "importance_sample", "TransformerConfig", "TraceSpec", "derive_trace_spec", "sample_joint",
+           "diagnostics", "to_arviz", "parallel"]

@@ -25,7 +25,7 @@ from jaxic.errors import CheckpointError, JaxicError, ModelError, ObservationErr
 from jaxic.heads import head_for_site
 from jaxic.inference import Posterior, importance_sample
 from jaxic.inference.importance import EagerDecoder, importance_sample_eager
-from jaxic.networks import NETWORKS, TransformerConfig, proposal_statistics
+from jaxic.networks import NETWORKS, FeedForwardConfig, TransformerConfig, proposal_statistics
 from jaxic.objectives import OBJECTIVES, ForwardKL, LocalPlate, forward_kl_loss
 from jaxic.tracing import (ParameterisedModel, TraceDataset, TraceSpec, derive_trace_spec, derive_universal_spec,
                            find_model_params, sample_joint, sample_universal)
@@ -447,6 +447,9 @@ def _build(model, model_args, model_kwargs, observed, key, network_config, train
         draw = jax.jit(lambda k, n: sample_joint(spec, bound, k, n), static_argnums=1)
         tokens, observations = draw(stats_key, train_config.statistics_size)
         validation = draw(validation_key, train_config.validation_size)
+    if network_config is None:
+        # One latent token per plate element leaves nothing to attend over: an MLP encoder does the same, faster.
+        network_config = FeedForwardConfig() if plate is not None and spec.num_tokens == 1 else TransformerConfig()
     heads = [head_for_site(s, network_config.num_components) for s in spec.latents]
     if data is not None:  # the network reads real observations: standardise with their moments
         observations = {k: (v[:, None] if plate is not None else v) for k, v in data.items()}
@@ -481,7 +484,8 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
         key: PRNG key for initialisation, statistics, validation set and training.
         num_steps: optimisation steps (each draws ``batch_size`` fresh joint traces).
         model_args, model_kwargs: fixed arguments of the model.
-        network: network configuration (default :class:`jaxic.networks.TransformerConfig`), or the
+        network: network configuration (default :class:`jaxic.networks.TransformerConfig`; with a
+            ``local_plate`` whose element has one latent token, :class:`jaxic.networks.FeedForwardConfig`), or the
             name of one in ``jaxic.networks.NETWORKS`` with default sizes (``"transformer"``, ``"lstm"``,
             ``"feedforward"``).
         optimizer: an optax optimizer (default AdamW, warm-up and cosine decay). Non-finite
@@ -524,7 +528,6 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
             raise JaxicError(f"unknown network {network!r}; choose one of {sorted(NETWORKS)} or pass a "
                              "configuration such as jaxic.networks.LSTMConfig(lstm_dim=128).")
         network = NETWORKS[network]()
-    network = TransformerConfig() if network is None else network
     train_config = TrainConfig(num_steps=num_steps, batch_size=batch_size, learning_rate=learning_rate,
                                validation_size=validation_size, custom_optimizer=optimizer is not None,
                                validation_every=max(TrainConfig.steps_per_call, num_steps // 20))

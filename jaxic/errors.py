@@ -26,3 +26,7 @@ class UnsupportedDistributionError(JaxicError):
 
 class CheckpointError(JaxicError):
     """A checkpoint is missing, incomplete, or written for another model."""
+
+
+class MissingDependencyError(JaxicError, ImportError):
+    """An optional dependency (an extra such as ``jaxic[arviz]``) is not installed."""

@@ -58,6 +58,9 @@ def test_elbo_recovers_conjugate_local_posterior_evidence_and_learns_the_model(d
     elbo = -np.mean(compiled.history["loss"][-200:])
     assert elbo <= exact_evidence + 0.05  # a lower bound (up to Monte Carlo noise) ...
     assert elbo > exact_evidence - 0.05  # ... that is tight when q is the exact posterior
+    # Simulation-based calibration of q(z_n | x_n) on data points simulated from the learned model.
+    calibration = jaxic.diagnostics.sbc(compiled, jax.random.key(5), num_datasets=100, num_samples=100)
+    assert calibration.passed, calibration.summary()
 
 
 def test_reweighted_wake_sleep_learns_posterior_and_model(data):

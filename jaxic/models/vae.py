@@ -228,6 +228,21 @@ def vae_guide(x: jax.Array, batch_size: int | None = None, latent_dim: int = DEF
         numpyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
 
+
+def matched_inference_network():
+    """A jaxic feed-forward inference network the size of the hand-written :class:`Encoder`
+    with default sizes (about 25.4 k against 25.3 k parameters) and, like it, a Gaussian
+    ``q(z_n | x_n)`` (one mixture component): for like-for-like comparisons.
+
+    Example:
+        >>> jaxic.compile(vae, observed=["x"], key=key, objective="elbo", data={"x": X}, local_plate="data",
+        ...               network=matched_inference_network(), model_kwargs={"num_data": len(X)})
+    """
+    from jaxic.networks import FeedForwardConfig
+
+    return FeedForwardConfig(d_model=32, hidden_dim=96, num_layers=1, observe_embedding_dim=32, obs_hidden=128,
+                             num_components=1)
+
 @dataclasses.dataclass
 class NumPyroVAEResult:
     """What :func:`train_numpyro_vae` returns.
@@ -465,7 +480,7 @@ def plot_latent(latents, labels, ax=None, title: str = "latent means by digit"):
     return ax
 
 
-__all__ = ["load_digits_binary", "Decoder", "Encoder", "default_decoder", "default_encoder", "vae", "vae_numpyro",
+__all__ = ["matched_inference_network", "load_digits_binary", "Decoder", "Encoder", "default_decoder", "default_encoder", "vae", "vae_numpyro",
            "vae_guide", "NumPyroVAEResult", "train_numpyro_vae", "numpyro_vae_log_weights",
            "numpyro_vae_heldout_elbo", "numpyro_vae_log_likelihood", "decode", "encode", "prior_samples",
            "plot_digits", "plot_reconstructions", "plot_latent"]

@@ -1,0 +1,16 @@
+"""Is the proposal good enough? Held-out loss, simulation-based calibration, coverage,
+and Pareto k-hat / ESS of the importance weights, with a one-call report.
+
+Example:
+    >>> rep = jaxic.diagnostics.report(compiled, jax.random.key(0), observations={"obs": 25.0})
+    >>> jaxic.diagnostics.sbc(compiled, jax.random.key(1), num_datasets=500).plot()
+    >>> jaxic.diagnostics.pareto_khat(compiled.posterior(key, {"obs": 25.0}))
+"""
+
+from jaxic.diagnostics.calibration import LOG_JOINT, CoverageResult, SBCResult, coverage, sbc, simulate
+from jaxic.diagnostics.report import DiagnosticReport, held_out_loss, report
+from jaxic.diagnostics.weights import KHAT_GOOD, KHAT_OK, ess, khat_verdict, pareto_khat, psis, resample_indices
+
+__all__ = ["LOG_JOINT", "CoverageResult", "SBCResult", "coverage", "sbc", "simulate", "DiagnosticReport",
+           "held_out_loss", "report", "KHAT_GOOD", "KHAT_OK", "ess", "khat_verdict", "pareto_khat", "psis",
+           "resample_indices"]
