@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from numpyro import handlers
 from tqdm.auto import tqdm
 
 from jaxic import checkpoint, parallel, training
@@ -25,9 +24,9 @@ from jaxic.errors import CheckpointError, JaxicError, ModelError, ObservationErr
 from jaxic.heads import head_for_site
 from jaxic.inference import Posterior, importance_sample
 from jaxic.inference.importance import EagerDecoder, importance_sample_eager
-from jaxic.networks import NETWORKS, FeedForwardConfig, TransformerConfig, proposal_statistics
+from jaxic.networks import NETWORKS, FeedForwardConfig, ProposalStatistics, TransformerConfig, proposal_statistics
 from jaxic.objectives import OBJECTIVES, ForwardKL, LocalPlate, forward_kl_loss
-from jaxic.tracing import (ParameterisedModel, TraceDataset, TraceSpec, derive_trace_spec, derive_universal_spec,
+from jaxic.tracing import (ParameterisedModel, abstract_trace, TraceDataset, TraceSpec, derive_trace_spec, derive_universal_spec,
                            find_model_params, sample_joint, sample_universal)
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +92,8 @@ class CompiledModel:
             objective_model = self._full_model if self.objective.needs_data else self._bound
             step = training.build_step(self.graphdef, self.objective, self.optimizer, train_config.batch_size,
                                        objective_model, self.param_constraints)
-            self._multi_step = jax.jit(training.build_multi_step(step, train_config.steps_per_call),
-                                       **({} if self.mesh is None else {"out_shardings": parallel.replicated(self.mesh)}))
+            placement = {} if self.mesh is None else {"out_shardings": parallel.replicated(self.mesh)}
+            self._multi_step = jax.jit(training.build_multi_step(step, train_config.steps_per_call), **placement)
         else:
             self._batch_step = jax.jit(training.build_batch_step(self.graphdef, forward_kl_loss, self.optimizer))
         self._validate = jax.jit(functools.partial(training.evaluate, forward_kl_loss, self.graphdef))
@@ -357,7 +356,7 @@ def _resolve_objective(objective):
 
 def _local_plate(bound: Callable, name: str, observed: Sequence[str]) -> LocalPlate:
     """Check that every latent and observed site lies inside plate ``name``; its full size."""
-    trace = handlers.trace(handlers.seed(bound, jax.random.key(0))).get_trace()
+    trace = abstract_trace(bound)
     plates = sorted(n for n, site in trace.items() if site["type"] == "plate")
     if name not in plates:
         raise ModelError(f"local_plate={name!r} is not a plate of the model; its plates are {plates}.")
@@ -368,7 +367,7 @@ def _local_plate(bound: Callable, name: str, observed: Sequence[str]) -> LocalPl
                          "site belongs to one data point. Make global quantities learnable parameters "
                          "(numpyro.param) or amortize over whole observation sets (no local_plate).")
     misplaced = [n for n, site in trace.items() if site["type"] == "sample" and
-                 jnp.ndim(site["value"]) - len(site["fn"].event_shape) + [f.dim for f in site["cond_indep_stack"]
+                 len(site["value"].shape) - len(site["fn"].event_shape) + [f.dim for f in site["cond_indep_stack"]
                                                                        if f.name == name][0] != 0]
     if misplaced:
         raise ModelError(f"plate '{name}' is not the leading axis of sites {misplaced}; make it the outermost "
@@ -453,8 +452,9 @@ def _build(model, model_args, model_kwargs, observed, key, network_config, train
     heads = [head_for_site(s, network_config.num_components) for s in spec.latents]
     if data is not None:  # the network reads real observations: standardise with their moments
         observations = {k: (v[:, None] if plate is not None else v) for k, v in data.items()}
-    stats = proposal_statistics(spec, heads, jax.tree.map(jnp.asarray, tokens),
-                                jax.tree.map(jnp.asarray, observations))
+    # Compiled as one program: eagerly, each per-site operation would compile on its own.
+    stats = ProposalStatistics(*jax.jit(lambda t, o: dataclasses.astuple(proposal_statistics(spec, heads, t, o)))(
+        jax.tree.map(jnp.asarray, tokens), jax.tree.map(jnp.asarray, observations)))
     network = network_config.build(spec, stats, nnx.Rngs(init_key), observation_embedders)
     if optimizer is None:
         optimizer = training.default_optimizer(train_config.num_steps, train_config.learning_rate)

@@ -6,13 +6,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 
 _MIN_SCALE = 1e-5
-
-
-def _inverse_softplus(y: float) -> float:
-    return float(jnp.log(jnp.expm1(y)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,14 +88,15 @@ class MixtureHead:
         k = self.num_components
         # Components spread over the standardised prior (so they start distinct), with a
         # common scale that makes the initial mixture's variance exactly one.
-        spread = jnp.linspace(-1.0, 1.0, k) if k > 1 else jnp.zeros(1)
+        # Constants (NumPy), so that statistics can run under jit.
+        spread = np.linspace(-1.0, 1.0, k) if k > 1 else np.zeros(1)
         # With few components the spread alone would use up the unit variance (k=2: scale 0).
-        spread = spread * min(1.0, float(jnp.sqrt(0.5 / jnp.maximum(jnp.mean(spread**2), 1e-12))))
-        component_scale = float(jnp.sqrt(1.0 - jnp.mean(spread**2)))
+        spread = spread * min(1.0, float(np.sqrt(0.5 / max(np.mean(spread**2), 1e-12))))
+        component_scale = float(np.sqrt(1.0 - np.mean(spread**2)))
         base = jnp.concatenate([
             jnp.zeros(k),
-            jnp.repeat(spread[:, None], self.dim, axis=1).reshape(-1),
-            jnp.full(k * self.dim, _inverse_softplus(component_scale)),
+            jnp.asarray(np.repeat(spread[:, None], self.dim, axis=1).reshape(-1), jnp.float32),
+            jnp.full(k * self.dim, np.log(np.expm1(component_scale)), jnp.float32),
         ])
         pad = values.shape[1] - self.dim
         return jnp.pad(loc, (0, pad)), jnp.pad(scale, (0, pad), constant_values=1.0), base

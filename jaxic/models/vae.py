@@ -303,7 +303,8 @@ def train_numpyro_vae(X_train, key: jax.Array, *, seconds: float | None = None, 
     full_chunk = run_chunk.lower(state, X, chunk).compile()
     setup_seconds = time.perf_counter() - start
     losses, times, steps, chunk_start = [], [], 0, setup_seconds
-    while seconds is None or chunk_start < seconds:
+    # At least one chunk, even when setup alone used up the budget.
+    while seconds is None or chunk_start < seconds or not losses:
         length = chunk if num_steps is None else min(chunk, num_steps - steps)
         if length <= 0:
             break

@@ -53,7 +53,8 @@ class ReweightedWakeSleep:
             log_evidence = jax.nn.logsumexp(p.log_weights) - jnp.log(self.num_particles)
             return -jnp.sum(weights * log_q), -jnp.sum(weights * p.log_joint), log_evidence
 
-        wake_proposal, wake_model, log_evidence = per_datum(one, model, data, key, batch_size, self.plate, self.batch_sharding)
+        wake_proposal, wake_model, log_evidence = per_datum(one, model, data, key, batch_size, self.plate,
+                                                            self.batch_sharding)
         loss = jnp.mean(wake_proposal) + jnp.mean(wake_model)
         if self.sleep_weight > 0:
             sleeper = model.frozen() if self.plate is None else self.plate.element_model(model.frozen(), 0)

@@ -7,10 +7,10 @@ elsewhere come in as offline datasets of shards.
 
 from jaxic.tracing.dataset import TraceDataset, TraceWriter, write_traces
 from jaxic.tracing.params import ParameterisedModel, find_model_params
-from jaxic.tracing.spec import LatentSite, ObservedSite, TraceSpec, derive_trace_spec, from_tokens
+from jaxic.tracing.spec import LatentSite, abstract_trace, ObservedSite, TraceSpec, derive_trace_spec, from_tokens
 from jaxic.tracing.traces import Tokens, sample_joint, trace_to_tokens
 from jaxic.tracing.universal import derive_universal_spec, pack_trace, sample_universal
 
 __all__ = ["LatentSite", "ObservedSite", "TraceSpec", "derive_trace_spec", "from_tokens", "Tokens",
            "sample_joint", "trace_to_tokens", "TraceDataset", "TraceWriter", "write_traces",
-           "derive_universal_spec", "pack_trace", "sample_universal", "ParameterisedModel", "find_model_params"]
+           "derive_universal_spec", "pack_trace", "sample_universal", "ParameterisedModel", "find_model_params", "abstract_trace"]

@@ -27,14 +27,16 @@ def find_model_params(model: Callable, key: jax.Array | None = None) -> tuple[di
         >>> sorted(values)   # ['decoder$params']
     """
     key = jax.random.key(0) if key is None else key
-    trace = handlers.trace(handlers.seed(model, key)).get_trace()
-    values, support = {}, {}
-    for name, site in trace.items():
-        if site["type"] != "param":
-            continue
-        constraint = site["kwargs"].get("constraint", constraints.real)
-        support[name] = constraint
-        values[name] = jax.tree.map(biject_to(constraint).inv, site["value"])
+
+    def initial(k):
+        trace = handlers.trace(handlers.seed(model, k)).get_trace()
+        found = {name: site for name, site in trace.items() if site["type"] == "param"}
+        support.update({name: site["kwargs"].get("constraint", constraints.real) for name, site in found.items()})
+        return {name: jax.tree.map(biject_to(support[name]).inv, site["value"]) for name, site in found.items()}
+
+    support: dict[str, Any] = {}
+    # One compiled run rather than an eager one: eager runs compile every operation of the model separately.
+    values = jax.jit(initial)(key)
     return values, support
 
 

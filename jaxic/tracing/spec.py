@@ -301,6 +301,24 @@ def run_model(model: Callable, key: jax.Array) -> dict:
     return handlers.trace(handlers.seed(model, key)).get_trace()
 
 
+def abstract_trace(model: Callable, key: jax.Array | None = None) -> dict:
+    """The model's trace with abstract values: names, plates, distributions and shapes,
+    without running (or compiling) any of its computation.
+
+    Example:
+        >>> trace = abstract_trace(functools.partial(model, M=2))
+        >>> trace["x"]["value"].shape
+    """
+    captured: dict = {}
+
+    def run(k):
+        captured.update(run_model(model, k))
+        return 0
+
+    jax.eval_shape(run, jax.random.key(0) if key is None else key)
+    return captured
+
+
 def check_jittable(model: Callable) -> None:
     """Raise :class:`UntraceableModelError` if the model cannot run under ``jax.jit``."""
     try:

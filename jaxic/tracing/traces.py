@@ -7,6 +7,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxic.parallel import shard_batch
 from jaxic.tracing.spec import TraceSpec, as_tokens, run_model, site_mask
 
 
@@ -50,11 +51,12 @@ def trace_to_tokens(spec: TraceSpec, trace: dict) -> tuple[Tokens, dict[str, jax
     return tokens, observations
 
 
-def sample_joint(spec: TraceSpec, model: Callable, key: jax.Array, num_traces: int):
+def sample_joint(spec: TraceSpec, model: Callable, key: jax.Array, num_traces: int, sharding=None):
     """Draw ``num_traces`` joint samples (latents and observations) as tokens.
 
     The model runs under ``jax.vmap`` over seeds: no Python loop over traces.
-    Call it inside ``jax.jit`` (the training step does).
+    Call it inside ``jax.jit`` (the training step does). ``sharding`` (e.g.
+    :func:`jaxic.parallel.batch_sharding`) splits the traces over devices.
 
     Example:
         >>> tokens, obs = jax.jit(lambda k: sample_joint(spec, model, k, 256))(key)
@@ -64,4 +66,5 @@ def sample_joint(spec: TraceSpec, model: Callable, key: jax.Array, num_traces: i
     def one(k):
         return trace_to_tokens(spec, run_model(model, k))
 
-    return jax.vmap(one)(jax.random.split(key, num_traces))
+    # Sharded keys make XLA run each device's share of the traces.
+    return jax.vmap(one)(shard_batch(jax.random.split(key, num_traces), sharding))
