@@ -180,18 +180,3 @@ def test_trace_spec_has_one_token_per_latent_node(variant):
     assert [s.name for s in spec.latents] == list(layout.latent_sites) and spec.num_tokens == len(layout.latent)
     assert all(s.propose and s.dist_type == "Normal" and s.event_shape == () for s in spec.latents)
     assert [(o.name, o.shape) for o in spec.observed] == [("expression", (len(layout.observed),))]
-
-
-def test_compiles_with_jaxic():
-    # One variant: every arth150 compile costs tens of seconds of XLA time (about 0.1 s per
-    # sample site per jitted program) and the variants differ only in the spec checked above.
-    # validation_size equal to the statistics batch reuses that batch's compiled sampler.
-    variant = "leaves40"
-    compiled = jaxic.compile(arth150, observed=["expression"], key=jax.random.key(0), num_steps=20,
-                             model_kwargs={"variant": variant}, validation_size=4096, progress=False,
-                             network=jaxic.TransformerConfig(d_model=32, num_layers=1, num_heads=2, num_components=4))
-    _, observed = simulate_arth150(jax.random.key(1), variant, 1)
-    post = compiled.posterior(jax.random.key(2), {"expression": observed[0]}, num_samples=200)
-    assert set(post.samples) == set(arth150_layout(variant).latent_sites)
-    assert all(v.shape == (200,) for v in post.samples.values())
-    assert np.isfinite(np.asarray(post.log_weights)).all() and np.isfinite(np.asarray(compiled.history["loss"])).all()
