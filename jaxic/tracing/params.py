@@ -15,6 +15,8 @@ from numpyro import handlers
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 
+from jaxic.tracing.spec import _JIT_FAILURES
+
 
 def find_model_params(model: Callable, key: jax.Array | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(unconstrained initial values, constraints)`` of every ``numpyro.param`` site of the model.
@@ -35,8 +37,12 @@ def find_model_params(model: Callable, key: jax.Array | None = None) -> tuple[di
         return {name: jax.tree.map(biject_to(support[name]).inv, site["value"]) for name, site in found.items()}
 
     support: dict[str, Any] = {}
-    # One compiled run rather than an eager one: eager runs compile every operation of the model separately.
-    values = jax.jit(initial)(key)
+    try:
+        # One compiled run rather than an eager one: eager runs compile every operation of the model separately.
+        values = jax.jit(initial)(key)
+    except _JIT_FAILURES:  # Python control flow on sampled values (the universal path): run it eagerly
+        support.clear()
+        values = initial(key)
     return values, support
 
 
