@@ -161,3 +161,29 @@ class ProposalNetworkBase(nnx.Module):
         draws = [h.sample(key, self._head_params(head_in, address, g, h), self.width)
                  for g, h in enumerate(self.groups)]
         return jnp.stack(draws)[self._group(address)]
+
+    # --- shared by every network's log_prob and decode -----------------------------------------
+    def score_tokens(self, contexts, tokens: Tokens, z):
+        """Whole-trace ``log q`` from the context before each token (``z``: standardised values);
+        0 where the site did not execute or is drawn from its prior."""
+        head_in = jax.vmap(self.head_input)(contexts, tokens.address, tokens.instance, tokens.dist_type)
+        log_q = (jax.vmap(self.head_log_prob)(head_in, tokens.address, z)
+                 - jax.vmap(self.log_standardiser)(tokens.address) - tokens.log_jacobian)
+        return jnp.where(tokens.mask & self.is_proposed(tokens.address), log_q, 0.0)
+
+    def propose_token(self, key, context, address, instance, dist_type, given=None, teacher=None):
+        """One token from the context before it: ``(z, value, log_q)`` with ``z`` standardised.
+
+        ``given`` (a token value) is scored instead of a draw; a boolean array ``teacher``
+        chooses between ``given`` and a draw at run time.
+        """
+        head_in = self.head_input(context, address, instance, dist_type)
+        if given is None:
+            z = self.head_sample(key, head_in, address)
+        elif teacher is None:
+            z = self.standardise(address, given)
+        else:
+            z = jnp.where(teacher, self.standardise(address, given), self.head_sample(key, head_in, address))
+        log_q = self.head_log_prob(head_in, address, z) - self.log_standardiser(address)
+        value = z * self.value_scale[...][address] + self.value_loc[...][address]
+        return z, value, log_q

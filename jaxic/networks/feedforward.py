@@ -82,23 +82,12 @@ class FeedForwardProposal(ProposalNetworkBase):
         z = jax.vmap(self.standardise)(tokens.address, tokens.value)
         contexts = jax.vmap(self._context, in_axes=(None, 0, 0, 0))(observation, tokens.address, tokens.instance,
                                                                      tokens.dist_type)
-        head_in = jax.vmap(self.head_input)(contexts, tokens.address, tokens.instance, tokens.dist_type)
-        log_q = (jax.vmap(self.head_log_prob)(head_in, tokens.address, z)
-                 - jax.vmap(self.log_standardiser)(tokens.address) - tokens.log_jacobian)
-        return jnp.where(tokens.mask & self.is_proposed(tokens.address), log_q, 0.0)
+        return self.score_tokens(contexts, tokens, z)
 
     def decode(self, state: FeedForwardState, key, address, instance, dist_type, mask, given=None, teacher=None):
         """Propose the next token; ``(state, value, log_q)`` as :meth:`TransformerProposal.decode`
         returns (the state never changes: earlier tokens do not matter here).
         """
-        head_in = self.head_input(self._context(state.observation, address, instance, dist_type),
-                                  address, instance, dist_type)
-        if given is None:
-            z = self.head_sample(key, head_in, address)
-        elif teacher is None:
-            z = self.standardise(address, given)
-        else:
-            z = jnp.where(teacher, self.standardise(address, given), self.head_sample(key, head_in, address))
-        log_q = self.head_log_prob(head_in, address, z) - self.log_standardiser(address)
-        value = z * self.value_scale[...][address] + self.value_loc[...][address]
+        context = self._context(state.observation, address, instance, dist_type)
+        _, value, log_q = self.propose_token(key, context, address, instance, dist_type, given, teacher)
         return state, value, jnp.where(mask, log_q, 0.0)

@@ -163,10 +163,7 @@ class LSTMProposal(ProposalNetworkBase):
 
         _, contexts = jax.lax.scan(step, self.init_decode(observations),
                                    (tokens.address, tokens.instance, tokens.dist_type, z, tokens.mask))
-        head_in = jax.vmap(self.head_input)(contexts, tokens.address, tokens.instance, tokens.dist_type)
-        log_q = (jax.vmap(self.head_log_prob)(head_in, tokens.address, z)
-                 - jax.vmap(self.log_standardiser)(tokens.address) - tokens.log_jacobian)
-        return jnp.where(tokens.mask & self.is_proposed(tokens.address), log_q, 0.0)
+        return self.score_tokens(contexts, tokens, z)
 
     def decode(self, state: LSTMState, key, address, instance, dist_type, mask, given=None, teacher=None):
         """Propose the next token and advance the LSTM past it.
@@ -176,14 +173,6 @@ class LSTMProposal(ProposalNetworkBase):
         between ``given`` and a draw at run time.
         """
         cells, hiddens, context = self._run(state, address, instance, dist_type)
-        head_in = self.head_input(context, address, instance, dist_type)
-        if given is None:
-            z = self.head_sample(key, head_in, address)
-        elif teacher is None:
-            z = self.standardise(address, given)
-        else:
-            z = jnp.where(teacher, self.standardise(address, given), self.head_sample(key, head_in, address))
-        log_q = self.head_log_prob(head_in, address, z) - self.log_standardiser(address)
-        value = z * self.value_scale[...][address] + self.value_loc[...][address]
+        z, value, log_q = self.propose_token(key, context, address, instance, dist_type, given, teacher)
         new_state = self._advance(state, cells, hiddens, address, instance, dist_type, z, mask)
         return new_state, value, jnp.where(mask, log_q, 0.0)

@@ -120,11 +120,7 @@ class TransformerProposal(ProposalNetworkBase):
     def log_prob(self, observations: Mapping[str, jax.Array], tokens: Tokens) -> jax.Array:
         """log q(x_t | x_<t, y) for every token of one trace, 0 where the site did not execute."""
         z = jax.vmap(self.standardise)(tokens.address, tokens.value)
-        contexts = self._contexts(observations, tokens, z)
-        head_in = jax.vmap(self.head_input)(contexts, tokens.address, tokens.instance, tokens.dist_type)
-        log_q = (jax.vmap(self.head_log_prob)(head_in, tokens.address, z)
-                 - jax.vmap(self.log_standardiser)(tokens.address) - tokens.log_jacobian)
-        return jnp.where(tokens.mask & self.is_proposed(tokens.address), log_q, 0.0)
+        return self.score_tokens(self._contexts(observations, tokens, z), tokens, z)
 
     def init_decode(self, observations: Mapping[str, jax.Array]) -> DecodeState:
         """Run the observation prefix once and return the cache for :meth:`decode`."""
@@ -148,15 +144,7 @@ class TransformerProposal(ProposalNetworkBase):
         With ``given`` (a token value), that value is scored and appended instead of a draw;
         a boolean array ``teacher`` chooses between ``given`` and a draw at run time.
         """
-        head_in = self.head_input(state.context, address, instance, dist_type)
-        if given is None:
-            z = self.head_sample(key, head_in, address)
-        elif teacher is None:
-            z = self.standardise(address, given)
-        else:
-            z = jnp.where(teacher, self.standardise(address, given), self.head_sample(key, head_in, address))
-        log_q = self.head_log_prob(head_in, address, z) - self.log_standardiser(address)
-        value = z * self.value_scale[...][address] + self.value_loc[...][address]
+        z, value, log_q = self.propose_token(key, state.context, address, instance, dist_type, given, teacher)
         x = self.content(address, instance, dist_type, z, mask)
         valid = state.valid.at[state.position].set(mask)
         keys, values = [], []
