@@ -38,31 +38,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpyro.infer import Predictive
 
 import jaxic
-from jaxic.models import circuit, fault_label, fault_posterior, latent_response
-from jaxic.models.circuit import COMPONENTS, FLOOR_DB, circuit_response
+from jaxic.models import circuit, fault_posterior
+from jaxic.models.circuit import WEAK_DB, single_fault_cases
 from results_io import environment_lines, publish
 
 HEADING = "## Circuit fault diagnosis (benchmarks/circuit_faults.py)"
-WEAK_DB = 2.0
-
-
-def single_fault_cases(key: jax.Array, num_cases: int) -> tuple[dict, list[str], np.ndarray]:
-    """Prior draws with exactly one faulty component: (latent values, true labels, groups)."""
-    draws = Predictive(circuit, num_samples=max(8 * num_cases, 2000))(key)
-    num_faulty = sum(np.asarray(draws[f"{name}_faulty"]) for name, *_ in COMPONENTS)
-    chosen = np.flatnonzero(num_faulty == 1)[:num_cases]
-    if chosen.size < num_cases:
-        raise RuntimeError(f"only {chosen.size} single-fault draws; raise the draw count")
-    cases = {k: np.asarray(v)[chosen] for k, v in draws.items()}
-    clean = np.asarray(latent_response(cases))
-    nominal = np.asarray(circuit_response({name: v for name, _, v, _ in COMPONENTS}))
-    dead = np.all(clean <= FLOOR_DB + 0.5, axis=-1)
-    weak = np.max(np.abs(clean - nominal), axis=-1) < WEAK_DB
-    groups = np.where(dead, "dead output", np.where(weak, "weak", "identifiable"))
-    return cases, fault_label(cases), groups
 
 
 def diagnose(compiled, key, responses, num_particles, chunk):

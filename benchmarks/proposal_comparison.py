@@ -51,13 +51,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from numpyro import handlers
-from numpyro.infer import Predictive
 
 import jaxic
 from jaxic.models import (arth150, arth150_layout, arth150_log_evidence, arth150_posterior, circuit,
-                          exact_posterior_log_prob, exact_posterior_samples, fault_label, fault_posterior,
-                          latent_response, simulate_arth150, stack_sites, unstack_sites)
-from jaxic.models.circuit import COMPONENTS, FLOOR_DB, circuit_response
+                          exact_posterior_log_prob, exact_posterior_samples, fault_posterior, simulate_arth150,
+                          stack_sites, unstack_sites)
+from jaxic.models.circuit import WEAK_DB, single_fault_cases
 from jaxic.networks import NETWORKS
 from jaxic.tracing import Tokens, derive_trace_spec, trace_to_tokens
 from results_io import environment_lines, publish
@@ -73,7 +72,6 @@ DEFAULTS = {  # per-experiment defaults of the options left at None
     "arth150": {"steps": 1500, "particles": 1000, "chunk": 10},
 }
 CASES_SEED, DATASETS_SEED = 2026, 2027
-WEAK_DB = 2.0  # as circuit_faults.py
 STATISTICS_SIZE = 4096  # jaxic's TrainConfig.statistics_size: a validation set this size reuses its compile
 NETWORK_LABELS = {"transformer": "transformer", "lstm": "LSTM", "feedforward": "feed-forward"}
 
@@ -119,23 +117,6 @@ def validation_summary(compiled) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # circuit
-
-def single_fault_cases(key: jax.Array, num_cases: int) -> tuple[dict, list[str], np.ndarray]:
-    """Prior draws with exactly one fault: latent and observed values, true labels, groups
-    (``identifiable`` / ``weak`` / ``dead output``, defined as in circuit_faults.py)."""
-    draws = Predictive(circuit, num_samples=max(8 * num_cases, 2000))(key)
-    num_faulty = sum(np.asarray(draws[f"{name}_faulty"]) for name, *_ in COMPONENTS)
-    chosen = np.flatnonzero(num_faulty == 1)[:num_cases]
-    if chosen.size < num_cases:
-        raise RuntimeError(f"only {chosen.size} single-fault draws; raise the draw count")
-    cases = {k: np.asarray(v)[chosen] for k, v in draws.items()}
-    clean = np.asarray(latent_response(cases))
-    nominal = np.asarray(circuit_response({name: v for name, _, v, _ in COMPONENTS}))
-    dead = np.all(clean <= FLOOR_DB + 0.5, axis=-1)
-    weak = np.max(np.abs(clean - nominal), axis=-1) < WEAK_DB
-    groups = np.where(dead, "dead output", np.where(weak, "weak", "identifiable"))
-    return cases, fault_label(cases), groups
-
 
 def circuit_scores(labels, ranked, ess, groups) -> dict:
     """top-1, top-3, mean p(true) and median ESS/N for all cases and per group."""

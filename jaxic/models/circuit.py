@@ -196,3 +196,32 @@ def fault_posterior(samples: Mapping[str, jax.Array], weights: jax.Array,
         totals[label] = totals.get(label, 0.0) + float(w)
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])
     return dict(ranked[:top] if top else ranked)
+
+
+WEAK_DB = 2.0  # a fault that moves the noise-free response by less than this is hard to see in 1 dB noise
+
+
+def single_fault_cases(key: jax.Array, num_cases: int) -> tuple[dict, list, np.ndarray]:
+    """Prior draws with exactly one faulty component, for benchmarks: ``(values of every
+    site, true fault labels, groups)``. Groups: ``"dead output"`` (the response sits at the
+    -100 dB floor, so the shunt shorts cannot be told apart), ``"weak"`` (moves the response
+    by less than :data:`WEAK_DB`) and ``"identifiable"``.
+
+    Example:
+        >>> cases, labels, groups = single_fault_cases(jax.random.key(2026), 200)
+        >>> responses = cases["response"]
+    """
+    from numpyro.infer import Predictive
+
+    draws = Predictive(circuit, num_samples=max(8 * num_cases, 2000))(key)
+    num_faulty = sum(np.asarray(draws[f"{name}_faulty"]) for name, *_ in COMPONENTS)
+    chosen = np.flatnonzero(num_faulty == 1)[:num_cases]
+    if chosen.size < num_cases:
+        raise ValueError(f"only {chosen.size} single-fault draws among the prior draws; ask for fewer cases")
+    cases = {k: np.asarray(v)[chosen] for k, v in draws.items()}
+    clean = np.asarray(latent_response(cases))
+    nominal = np.asarray(circuit_response({name: v for name, _, v, _ in COMPONENTS}))
+    dead = np.all(clean <= FLOOR_DB + 0.5, axis=-1)
+    weak = np.max(np.abs(clean - nominal), axis=-1) < WEAK_DB
+    groups = np.where(dead, "dead output", np.where(weak, "weak", "identifiable"))
+    return cases, fault_label(cases), groups
