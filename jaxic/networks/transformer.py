@@ -45,8 +45,9 @@ class TransformerConfig:
 class DecodeState(NamedTuple):
     """Key/value cache for incremental decoding of one trace."""
 
-    keys: jax.Array  # (L, S, H, Dh)
-    values: jax.Array  # (L, S, H, Dh)
+    # Per layer, (H, S, Dh): a token's update and the single-query attention touch the cache in place.
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
     valid: jax.Array  # (S,) bool: position holds an executed token
     position: jax.Array  # int32: next position to fill
     context: jax.Array  # (d,): output at the last filled position
@@ -81,12 +82,20 @@ class Block(nnx.Module):
         return self._finish(x, q, k, v, mask), k, v
 
     def step(self, x, key_cache, value_cache, valid, position):
-        """One token ``x (d,)`` at ``position``, attending to the cache."""
+        """One token ``x (d,)`` at ``position``, attending to the cache (``(H, S, Dh)`` per layer).
+
+        One query against a cache is two small contractions; ``dot_product_attention`` would
+        transpose the whole cache at every token (most of the decoding time, measured).
+        """
         q, k, v = self._qkv(x[None])
-        key_cache = jax.lax.dynamic_update_index_in_dim(key_cache, k[0], position, 0)
-        value_cache = jax.lax.dynamic_update_index_in_dim(value_cache, v[0], position, 0)
-        mask = (valid & (jnp.arange(valid.shape[0]) <= position))[None]
-        return self._finish(x[None], q, key_cache, value_cache, mask)[0], key_cache, value_cache
+        key_cache = jax.lax.dynamic_update_index_in_dim(key_cache, k[0][:, None, :], position, 1)
+        value_cache = jax.lax.dynamic_update_index_in_dim(value_cache, v[0][:, None, :], position, 1)
+        mask = valid & (jnp.arange(valid.shape[0]) <= position)
+        scores = jnp.einsum("hd,hsd->hs", q[0], key_cache) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
+        weights = jax.nn.softmax(jnp.where(mask[None], scores, -jnp.inf), axis=-1)
+        attended = jnp.einsum("hs,hsd->hd", weights, value_cache)
+        x = x + self.attention_out(attended.reshape(x.shape))
+        return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm_mlp(x)))), key_cache, value_cache
 
 
 class TransformerProposal(ProposalNetworkBase):
@@ -130,11 +139,11 @@ class TransformerProposal(ProposalNetworkBase):
         keys, values = [], []
         for block in self.blocks:
             x, k, v = block(x, jnp.ones((p, p), bool))
-            pad = ((0, total - p), (0, 0), (0, 0))
-            keys.append(jnp.pad(k, pad))
-            values.append(jnp.pad(v, pad))
+            pad = ((0, 0), (0, total - p), (0, 0))
+            keys.append(jnp.pad(k.transpose(1, 0, 2), pad))
+            values.append(jnp.pad(v.transpose(1, 0, 2), pad))
         valid = jnp.arange(total) < p
-        return DecodeState(jnp.stack(keys), jnp.stack(values), valid, jnp.asarray(p, jnp.int32), x[p - 1])
+        return DecodeState(tuple(keys), tuple(values), valid, jnp.asarray(p, jnp.int32), x[p - 1])
 
     def decode(self, state: DecodeState, key, address, instance, dist_type, mask, given=None, teacher=None):
         """Propose the next token and append it to the cache.
@@ -152,5 +161,5 @@ class TransformerProposal(ProposalNetworkBase):
             x, k, v = block.step(x, state.keys[layer], state.values[layer], valid, state.position)
             keys.append(k)
             values.append(v)
-        new_state = DecodeState(jnp.stack(keys), jnp.stack(values), valid, state.position + 1, x)
+        new_state = DecodeState(tuple(keys), tuple(values), valid, state.position + 1, x)
         return new_state, value, jnp.where(mask, log_q, 0.0)
