@@ -52,6 +52,7 @@ from pathlib import Path
 import jax
 
 import jaxic
+from jaxic import training as jaxic_training
 from jaxic.benchmarking import circle_mass, heldout_loss, importance_metrics, plot_sweep, prior_ess_fraction, train_for
 from jaxic.models import pedagogical
 from jaxic.networks import NETWORKS, FeedForwardConfig, LSTMConfig, TransformerConfig
@@ -67,16 +68,25 @@ MATCHED = {"transformer": TransformerConfig(), "lstm": LSTMConfig(lstm_dim=104),
            "feedforward": FeedForwardConfig(hidden_dim=224)}
 
 
-def network_config(name: str, matched: bool):
-    return MATCHED[name] if matched else NETWORKS[name]()
+def network_config(name: str, args: argparse.Namespace):
+    config = MATCHED[name] if args.matched else NETWORKS[name]()
+    if name == "transformer" and args.transformer_layers is not None:
+        config = dataclasses.replace(config, num_layers=args.transformer_layers)
+    return config
+
+
+def optimizer_for(args: argparse.Namespace):
+    """Cosine decay over the whole step budget (``--schedule cosine``), else constant after the warm-up."""
+    horizon = args.steps if args.schedule == "cosine" else 0
+    return jaxic_training.default_optimizer(horizon, args.learning_rate)
 
 
 def run_one(M: int, name: str, args: argparse.Namespace) -> dict:
     """Compile, train under the budget and score one network on ``pedagogical(M)``."""
-    config = network_config(name, args.matched)
+    config = network_config(name, args)
     start = time.perf_counter()
     compiled = jaxic.compile(pedagogical, ["obs"], jax.random.key(args.seed), num_steps=0, model_kwargs={"M": M},
-                             network=config, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                             network=config, batch_size=args.batch_size, optimizer=optimizer_for(args),
                              progress=False)
     build_s = time.perf_counter() - start
     training = train_for(compiled, seconds=args.seconds, steps=args.steps)
@@ -187,7 +197,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     budget.add_argument("--steps", type=int, default=None, help="fixed number of training steps per run instead")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=3e-3,
-                        help="constant after a 100-step linear warm-up")
+                        help="peak learning rate, reached after a linear warm-up")
+    parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                        help="constant after a 100-step warm-up, or (with --steps) warm-up and cosine decay to 5%% "
+                             "over the step budget: the decay is what gives q(y | x) the precision ESS needs")
+    parser.add_argument("--transformer-layers", type=int, default=None,
+                        help="transformer depth (default: the network's default, 2)")
     parser.add_argument("--particles", type=int, default=2000, help="importance-sampling particles per posterior")
     parser.add_argument("--seeds", type=int, default=3, help="posterior seeds averaged per observation")
     parser.add_argument("--obs", type=float, nargs="+", default=[RING_OBS],
@@ -198,6 +213,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--figure", type=Path, default=HERE / "figures" / "attention_vs_lstm.png")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md",
                         help="markdown file whose section for this benchmark is written or replaced")
+    parser.add_argument("--section", default=None,
+                        help="write a separate RESULTS.md section titled with this suffix (e.g. for a longer "
+                             "transformer-only run; pass --json and --figure paths of its own too)")
     parser.add_argument("--no-write", action="store_true", help="only print: no JSON, figure or RESULTS.md")
     args = parser.parse_args(argv)
     if args.seconds is None and args.steps is None:
@@ -205,6 +223,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if min(args.M) < 0 or (args.seconds is not None and args.seconds < 0) or \
             (args.steps is not None and args.steps < 1):
         parser.error("--M must be >= 0, --seconds >= 0 and --steps >= 1")
+    if args.schedule == "cosine" and args.steps is None:
+        parser.error("--schedule cosine needs --steps (the decay is planned over the step budget)")
     if args.particles < 2 or args.seeds < 1 or args.batch_size < 1:
         parser.error("--particles must be >= 2 and --seeds, --batch-size >= 1")
     return args
@@ -215,9 +235,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     env = environment_lines("attention_vs_lstm.py", argv)
     sizes = "about 120k parameters each (--matched)" if args.matched else "default sizes"
+    if args.transformer_layers is not None:
+        sizes += f", transformer with {args.transformer_layers} layer(s)"
+    schedule = (f"AdamW, warm-up then cosine decay from {args.learning_rate:g} to 5% over the {args.steps} steps"
+                if args.schedule == "cosine" else
+                f"constant learning rate {args.learning_rate:g} after a 100-step warm-up")
     setup = (f"- Model: `jaxic.models.pedagogical(M)`; networks {', '.join(args.networks)} with {sizes}; "
-             f"{budget_text(args)} per run (compilation excluded), batch {args.batch_size}, constant learning rate "
-             f"{args.learning_rate:g} after a 100-step warm-up (`num_steps=0`), compile key {args.seed}; "
+             f"{budget_text(args)} per run (compilation excluded), batch {args.batch_size}, {schedule}, "
+             f"compile key {args.seed}; "
              f"{args.particles:,} particles x {args.seeds} seeds per posterior")
     prior = {str(float(obs)): prior_ess_fraction(obs, args.particles, range(args.seeds)) for obs in args.obs}
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -260,7 +285,8 @@ def main(argv: list[str] | None = None) -> None:
                   "- Paper's finding (Harvey et al. 2019): the LSTM copes with a few nuisance sites; from M of "
                   "about 50 on, only attention keeps q(y | x) on the ring.",
                   *summary_lines(payload["runs"]), "", *markdown_table(payload["runs"], args.obs)]
-    publish(args.output, HEADING, body, write=not args.no_write)
+    heading = HEADING if args.section is None else f"{HEADING}: {args.section}"
+    publish(args.output, heading, body, write=not args.no_write)
 
 
 if __name__ == "__main__":

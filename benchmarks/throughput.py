@@ -30,7 +30,8 @@ after the warm-up).
   outputs + temporaries, training / sampling). On an accelerator the device's peak bytes in use
   (``memory_stats()``, since process start) are printed too; the process's peak RSS is in the log.
 
-**Time to quality** (``--quality-M``, jaxic's default network): training in chunks with an ESS/N
+**Time to quality** (``--quality-M`` x ``--quality-sizes``: jaxic's default network and ``fast``, the
+same with one layer): training in chunks with an ESS/N
 evaluation (``--quality-particles`` particles at ``obs = 25``, one fixed key) after every
 ``--quality-every`` seconds of training; evaluations and compilation are off the training clock.
 Reported: the training time at which ESS/N first reaches 0.1 and 0.3 (resolution: one evaluation
@@ -40,7 +41,7 @@ the learning rate decays over the number of steps expected in the budget (from t
 
 **Peer** (``benchmarks/pyro_csis.py``, when ``pyro-ppl`` and ``torch`` are installed: the ``bench``
 extra; ``--no-peer`` skips it): Pyro's CSIS with a hand-written vectorised pyprob-style LSTM guide
-of matched size, trained for ``--quality-seconds`` at each M of ``--quality-M`` in a subprocess (its
+of matched size, trained for ``--quality-seconds`` at each M of ``--peer-M`` in a subprocess (its
 threads never overlap jaxic's), with the same ESS/N evaluations. Ratios jaxic/peer are printed
 next to the pyprob and Pyro CSIS reference figures quoted in the issue (measured there, not here).
 
@@ -98,6 +99,7 @@ NETWORKS = {
     "default": TransformerConfig(),
     "matched": TransformerConfig(d_model=256, num_heads=4, num_layers=3, num_components=10, obs_hidden=256),
     "lstm": LSTMConfig.pyprob_default(),
+    "fast": TransformerConfig(num_layers=1),
 }
 DESCRIPTION = {
     "default": "jaxic's default transformer (d_model 64, 2 layers, 8 components)",
@@ -105,6 +107,8 @@ DESCRIPTION = {
                "256-wide observation MLP)",
     "lstm": "jaxic's LSTM at pyprob's default sizes (LSTMConfig.pyprob_default(): 512-wide LSTM, 256-wide "
             "observation embedding, 10 components)",
+    "fast": "jaxic's default transformer with one layer instead of two (`TransformerConfig(num_layers=1)`): "
+            "about 1.7x the training steps/s, for time-to-quality runs",
 }
 
 # Figures quoted in the issue (2-core CPU, batch 64, 180 s of training, obs = 25): not measured here.
@@ -317,6 +321,7 @@ def benchmark_cell(size: str, M: int, seconds: float, particles: int, repeats: i
 
 @dataclasses.dataclass
 class Quality:
+    size: str
     M: int
     compile_s: float
     horizon: int  # learning-rate schedule length in steps (0: constant)
@@ -327,10 +332,10 @@ class Quality:
     curve: list[tuple[float, int, float]]
 
 
-def time_to_quality(M: int, seconds: float, every: float, particles: int, horizon: int,
+def time_to_quality(size: str, M: int, seconds: float, every: float, particles: int, horizon: int,
                     learning_rate: float) -> Quality:
     optimizer = training.default_optimizer(horizon, learning_rate)  # horizon 0: constant after the warm-up
-    compiled = build("default", M, optimizer)
+    compiled = build(size, M, optimizer)
     chunk = compiled.train_config.steps_per_call
     trainer, compile_s, _, _ = compile_trainer(compiled)
     sample, is_compile, _, _ = compile_sampler(compiled, particles)
@@ -347,10 +352,10 @@ def time_to_quality(M: int, seconds: float, every: float, particles: int, horizo
         for th in THRESHOLDS:
             if time_to[th] is None and ess >= th:
                 time_to[th] = clock
-    print(f"[quality M={M}] {steps} steps in {clock:.1f} s, ESS/N {curve[-1][2]:.3f}, time to "
+    print(f"[quality {size} M={M}] {steps} steps in {clock:.1f} s, ESS/N {curve[-1][2]:.3f}, time to "
           + ", ".join(f"{th}: {_seconds(t)}" for th, t in time_to.items()) + "; curve (s, steps, ESS/N): "
           + ", ".join(f"({t:.0f}, {n}, {e:.3f})" for t, n, e in curve), flush=True)
-    return Quality(M, compile_s + is_compile, horizon, steps, clock, time_to, curve[-1][2], curve)
+    return Quality(size, M, compile_s + is_compile, horizon, steps, clock, time_to, curve[-1][2], curve)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,7 +469,7 @@ def op_split(fn, args) -> dict[str, float] | None:
 
 
 def run_peer(args) -> tuple[list[dict], str | None]:
-    """Pyro CSIS results per M of ``--quality-M`` (in a subprocess), or why there are none."""
+    """Pyro CSIS results per M of ``--peer-M`` (in a subprocess), or why there are none."""
     if args.no_peer:
         return [], "skipped (--no-peer)"
     sys.path.insert(0, str(HERE))
@@ -475,7 +480,7 @@ def run_peer(args) -> tuple[list[dict], str | None]:
         return [], reason
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "peer.json"
-        command = [sys.executable, str(HERE / "pyro_csis.py"), "--M", *map(str, args.quality_M), "--seconds",
+        command = [sys.executable, str(HERE / "pyro_csis.py"), "--M", *map(str, args.peer_M), "--seconds",
                    str(args.quality_seconds), "--every", str(args.quality_every), "--eval-particles",
                    str(args.quality_particles), "--csis-particles", str(args.peer_particles), "--batch-size",
                    str(BATCH), "--json", str(out)]
@@ -565,7 +570,7 @@ class Comparison:
 
 def compare(M: int, cells: list[Cell], qualities: list[Quality], measured: dict[int, dict]) -> Comparison:
     m, d = find(cells, "matched", M), find(cells, "default", M)
-    q = next((q for q in qualities if q.M == M), None)
+    q = next((q for q in qualities if q.M == M and q.size == "default"), None)
     r = measured.get(M)
     samplers = [(REFERENCE[name]["is"][M], f"{name} (quoted)") for name in REFERENCE if M in REFERENCE[name]["is"]]
     effective = [(rate * REFERENCE_ESS_BOUND, True) for rate, _ in samplers]
@@ -607,22 +612,24 @@ def report(args, cells, matmul_rates, qualities, peer, peer_reason, profile_line
         lines += cost_table(cells)
 
     if qualities:
-        lines += ["", f"### Time to quality (jaxic default network, {args.quality_seconds:g} s of training)", ""]
-        columns = ["M", "learning rate (schedule steps)", "steps", "time to ESS/N 0.1", "time to ESS/N 0.3",
+        lines += ["", f"### Time to quality ({args.quality_seconds:g} s of training)", ""]
+        columns = ["network", "M", "learning rate (schedule steps)", "steps", "time to ESS/N 0.1", "time to ESS/N 0.3",
                    f"ESS/N at {args.quality_seconds:g} s", "effective samples/s"]
         rows = []
         for q in qualities:
-            cell = find(cells, "default", q.M)
-            rows.append([str(q.M), f"cosine ({q.horizon:,})" if q.horizon else "constant", f"{q.steps:,}",
+            cell = find(cells, q.size, q.M)
+            rows.append([q.size, str(q.M), f"cosine ({q.horizon:,})" if q.horizon else "constant", f"{q.steps:,}",
                          _seconds(q.time_to[0.1]), _seconds(q.time_to[0.3]), f"{q.final_ess:.3f}",
                          _rate(cell.is_particles_per_s * q.final_ess) if cell else "n/a"])
         lines += table(columns, rows)
         lines += ["", "ESS/N during training (training seconds: ESS/N):", ""]
-        lines += [f"- M = {q.M}: " + ", ".join(f"{t:.0f}: {e:.3f}" for t, _, e in q.curve) for q in qualities]
+        lines += [f"- {q.size}, M = {q.M}: " + ", ".join(f"{t:.0f}: {e:.3f}" for t, _, e in q.curve) for q in qualities]
         lines += ["", f"ESS/N from {args.quality_particles:,} particles (one fixed key) after every "
                   f"{args.quality_every:g} s of training; times are training time (compilation and evaluations "
-                  "excluded), to one evaluation interval. Effective samples/s: the default network's particles/s "
-                  "(throughput table) x the final ESS/N."]
+                  "excluded), to one evaluation interval. Effective samples/s: the network's particles/s "
+                  "(throughput table) x the final ESS/N. The learning rate decays over the steps expected in the "
+                  "budget (the table's steps/s x the budget), which is what brings q(y | x) to the precision "
+                  "that ESS needs: most of the gain comes in the last third of the schedule."]
 
     lines += ["", "### Against the peers", ""] + peer_section(args, cells, qualities, peer, peer_reason)
     if profile_lines:
@@ -706,17 +713,16 @@ def targets(args, cells, qualities, comparisons: list[Comparison]) -> list[str]:
         out.append("- Default network effective samples/s >= 100x the best peer: " + "; ".join(
             f"M = {c.M}: {'>= ' if c.peer_effective_bound else ''}{c.effective / c.peer_effective:,.0f}x "
             f"{verdict(c.effective >= 100 * c.peer_effective)}" for c in effective))
-    timed_runs = [c for c in comparisons if c.time_to is not None]
-    if timed_runs:
-        out.append("- Time to ESS/N 0.1 / 0.3, jaxic default network vs Pyro CSIS: " + "; ".join(
-            f"M = {c.M}: {' / '.join(_seconds(c.time_to[t]) for t in THRESHOLDS)} vs "
-            + (" / ".join(_seconds(c.csis_time_to.get(t)) for t in THRESHOLDS) if c.csis_time_to else "not run")
-            for c in timed_runs))
-    q50 = next((q for q in qualities if q.M == 50), None)
-    if q50:
-        t = q50.time_to[0.3]
-        out.append(f"- ESS/N 0.3 at M = 50 within 180 s of training: {verdict(t is not None and t <= 180)} "
-                   f"({_seconds(t)} in a {args.quality_seconds:g} s budget)")
+    csis_time_to = {c.M: c.csis_time_to for c in comparisons}
+    if qualities:
+        out.append("- Time to ESS/N 0.1 / 0.3, jaxic vs Pyro CSIS: " + "; ".join(
+            f"{q.size} M = {q.M}: {' / '.join(_seconds(q.time_to[t]) for t in THRESHOLDS)} vs "
+            + (" / ".join(_seconds(csis_time_to[q.M].get(t)) for t in THRESHOLDS) if csis_time_to.get(q.M)
+               else "not run") for q in qualities))
+    for q in (q for q in qualities if q.M == 50):
+        t = q.time_to[0.3]
+        out.append(f"- ESS/N 0.3 at M = 50 within 180 s of training ({q.size} network): "
+                   f"{verdict(t is not None and t <= 180)} ({_seconds(t)} in a {args.quality_seconds:g} s budget)")
     return out
 
 
@@ -734,7 +740,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="importance-sampling particles per call up to M = 20 (fewer beyond: see particles_for)")
     parser.add_argument("--repeats", type=int, default=3, help="timed sampling calls (the median is reported)")
     parser.add_argument("--quality-M", type=int, nargs="*", default=[2, 20, 50],
-                        help="M values of the time-to-quality runs (jaxic default network and the peer)")
+                        help="M values of the time-to-quality runs (jaxic's networks and the peer)")
+    parser.add_argument("--quality-sizes", nargs="+", default=["default", "fast"], choices=list(NETWORKS),
+                        help="networks of the time-to-quality runs (a throughput row is measured for any missing)")
     parser.add_argument("--quality-seconds", type=float, default=180.0, help="training budget of each quality run")
     parser.add_argument("--quality-every", type=float, default=10.0, help="training seconds between ESS evaluations")
     parser.add_argument("--quality-particles", type=int, default=2000, help="particles per ESS evaluation")
@@ -743,6 +751,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quality-learning-rate", type=float, default=3e-3,
                         help="peak learning rate of the quality runs (jaxic's default)")
     parser.add_argument("--no-peer", action="store_true", help="skip the Pyro CSIS peer")
+    parser.add_argument("--peer-M", type=int, nargs="*", default=None,
+                        help="M values of the peer's runs (default: those of --quality-M)")
     parser.add_argument("--peer-particles", type=int, default=200, help="particles of the timed CSIS.run call")
     parser.add_argument("--peer-threads", type=int, default=None, help="torch threads of the peer (default: torch's)")
     parser.add_argument("--profile-M", type=int, default=20, help="M of the profile (matched network); -1 skips it")
@@ -752,6 +762,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="markdown file whose throughput section is written or replaced")
     parser.add_argument("--no-write", action="store_true", help="only print the results")
     args = parser.parse_args(argv)
+    if args.peer_M is None:
+        args.peer_M = list(args.quality_M)
     if min(args.M + (args.quality_M or [0])) < 0 or args.seconds <= 0 or args.particles < 1 or args.repeats < 1:
         parser.error("--M must be >= 0, --seconds > 0 and --particles, --repeats >= 1")
     return args
@@ -767,11 +779,15 @@ def main(argv: list[str] | None = None) -> None:
     cells = [benchmark_cell(size, M, args.seconds, args.particles, args.repeats)
              for size in args.sizes for M in args.M]
     qualities = []
-    for M in args.quality_M:
-        cell = find(cells, "default", M)
-        horizon = int(cell.steps_per_s * args.quality_seconds) if cell and args.quality_schedule == "cosine" else 0
-        qualities.append(time_to_quality(M, args.quality_seconds, args.quality_every, args.quality_particles,
-                                         horizon, args.quality_learning_rate))
+    for size in args.quality_sizes:
+        for M in args.quality_M:
+            cell = find(cells, size, M)
+            if cell is None:  # the schedule's horizon needs this network's step rate
+                cell = benchmark_cell(size, M, min(args.seconds, 10.0), args.particles, args.repeats)
+                cells.append(cell)
+            horizon = int(cell.steps_per_s * args.quality_seconds) if args.quality_schedule == "cosine" else 0
+            qualities.append(time_to_quality(size, M, args.quality_seconds, args.quality_every,
+                                             args.quality_particles, horizon, args.quality_learning_rate))
     profile_lines = []
     if args.profile_M >= 0:
         profile_lines = profile_step(args.profile_M)

@@ -55,6 +55,25 @@ def test_changing_a_latent_only_changes_later_proposals(compiled):
     np.testing.assert_array_equal(net.log_prob(obs, later)[:3], base[:3])
 
 
+def test_a_zero_value_gain_hides_that_sites_values_from_later_tokens(compiled):
+    """The per-address value gain is how the transformer learns to ignore a site's value (the
+    pedagogical model's nuisance sites) without needing near-one-hot attention."""
+    net = compiled.network
+    tokens, obs = one_trace(compiled)
+    nuisance = compiled.spec.latents.index(next(s for s in compiled.spec.latents if s.name == "nuisance_1"))
+    t = int(np.flatnonzero(np.asarray(tokens.address) == nuisance)[0])
+    changed = tokens._replace(value=tokens.value.at[t, 0].add(3.0))
+    base = net.log_prob(obs, tokens)
+    assert not np.allclose(net.log_prob(obs, changed)[t + 1:], base[t + 1:])
+    gain = net.value_gain[...]
+    try:
+        net.value_gain[...] = gain.at[nuisance].set(0.0)
+        hidden, hidden_changed = net.log_prob(obs, tokens), net.log_prob(obs, changed)
+    finally:
+        net.value_gain[...] = gain
+    np.testing.assert_allclose(hidden_changed[t + 1:], hidden[t + 1:], rtol=1e-6, atol=1e-6)
+
+
 def test_proposal_depends_on_the_observation(compiled):
     net = compiled.network
     tokens, obs = one_trace(compiled)

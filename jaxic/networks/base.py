@@ -107,7 +107,6 @@ class ProposalNetworkBase(nnx.Module):
         self.address_embed = table(len(spec.latents), d_model)
         self.instance_embed = table(spec.max_instances, d_model)
         self.type_embed = table(len(spec.dist_types), d_model)
-        self.value_embed = nnx.Linear(self.feature_width, d_model, rngs=rngs)
         self.query_embed = nnx.Linear(d_model, d_model, rngs=rngs)
         self.head_norm = nnx.LayerNorm(d_model, rngs=rngs)
         self.head_trunk = nnx.Linear(d_model, d_model, rngs=rngs)
@@ -132,11 +131,10 @@ class ProposalNetworkBase(nnx.Module):
     def _group(self, address):
         return jnp.asarray(np.asarray(self.group_of_address, np.int32))[address]
 
-    def content(self, address, instance, dist_type, z, mask):
-        """What a latent token contributes to later tokens; values of skipped sites are hidden."""
-        features = jnp.stack([jnp.pad(h.features(z), (0, self.feature_width - h.feature_dim))
-                              for h in self.groups])[self._group(address)]
-        return self.site_embedding(address, instance, dist_type) + mask * self.value_embed(features)
+    def value_features(self, address, z):
+        """A token's standardised value as its head's features, padded to a common width."""
+        return jnp.stack([jnp.pad(h.features(z), (0, self.feature_width - h.feature_dim))
+                          for h in self.groups])[self._group(address)]
 
     def prefix(self, observations: Mapping[str, jax.Array]):
         """Observation tokens followed by a begin-of-trace token: ``(P + 1, d)``."""

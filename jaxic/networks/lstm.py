@@ -123,9 +123,8 @@ class LSTMProposal(ProposalNetworkBase):
                                 self.lstm_type_embed[dist_type]])
 
     def _previous(self, address, instance, dist_type, z):
-        features = jnp.stack([jnp.pad(h.features(z), (0, self.feature_width - h.feature_dim))
-                              for h in self.groups])[self._group(address)]
-        return jnp.concatenate([self.sample_embed(features), self._site(address, instance, dist_type)])
+        return jnp.concatenate([self.sample_embed(self.value_features(address, z)),
+                                self._site(address, instance, dist_type)])
 
     def _observation(self, observations):
         rows = [embed(observations[o.name]) for embed, o in zip(self.observation_embedders, self.spec.observed)]
