@@ -82,6 +82,7 @@ from flax import nnx
 
 import jaxic
 from jaxic import training
+from jaxic.diagnostics import ess as kish_ess
 from jaxic.models import pedagogical
 from jaxic.networks import LSTMConfig, TransformerConfig
 from jaxic.objectives import forward_kl_loss
@@ -267,12 +268,10 @@ def particles_for(M: int, particles: int) -> int:
 
 
 def ess_fraction(log_weights) -> float:
+    """Kish ESS / N (``jaxic.diagnostics.ess``), a NaN weight counting as zero; 0 if none is finite."""
     log_w = np.asarray(log_weights, np.float64)
     log_w = np.where(np.isnan(log_w), -np.inf, log_w)
-    if not np.isfinite(log_w).any():
-        return 0.0
-    w = np.exp(log_w - log_w.max())
-    return float(w.sum() ** 2 / (w**2).sum() / w.size)
+    return float(kish_ess(log_w) / log_w.size) if np.isfinite(log_w).any() else 0.0
 
 
 def train_chunks(trainer, state, chunk: int, seconds: float):

@@ -60,7 +60,7 @@ def test_a_zero_value_gain_hides_that_sites_values_from_later_tokens(compiled):
     pedagogical model's nuisance sites) without needing near-one-hot attention."""
     net = compiled.network
     tokens, obs = one_trace(compiled)
-    nuisance = compiled.spec.latents.index(next(s for s in compiled.spec.latents if s.name == "nuisance_1"))
+    nuisance = compiled.spec.address_of("nuisance_1")
     t = int(np.flatnonzero(np.asarray(tokens.address) == nuisance)[0])
     changed = tokens._replace(value=tokens.value.at[t, 0].add(3.0))
     base = net.log_prob(obs, tokens)

@@ -73,6 +73,10 @@ class Block(nnx.Module):
 
     def _finish(self, x, q, k, v, mask):
         attended = jax.nn.dot_product_attention(q[None], k[None], v[None], mask=mask[None, None])[0]
+        return self._attention_and_mlp(x, attended)
+
+    def _attention_and_mlp(self, x, attended):
+        """Residual attention output, then the residual MLP (shared by the full-sequence and one-token paths)."""
         x = x + self.attention_out(attended.reshape(x.shape))
         return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm_mlp(x))))
 
@@ -94,8 +98,7 @@ class Block(nnx.Module):
         scores = jnp.einsum("hd,hsd->hs", q[0], key_cache) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
         weights = jax.nn.softmax(jnp.where(mask[None], scores, -jnp.inf), axis=-1)
         attended = jnp.einsum("hs,hsd->hd", weights, value_cache)
-        x = x + self.attention_out(attended.reshape(x.shape))
-        return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm_mlp(x)))), key_cache, value_cache
+        return self._attention_and_mlp(x, attended), key_cache, value_cache
 
 
 class TransformerProposal(ProposalNetworkBase):
