@@ -43,8 +43,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
+import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -81,11 +84,11 @@ def optimizer_for(args: argparse.Namespace):
     return jaxic_training.default_optimizer(horizon, args.learning_rate)
 
 
-def run_one(M: int, name: str, args: argparse.Namespace) -> dict:
-    """Compile, train under the budget and score one network on ``pedagogical(M)``."""
+def run_one(M: int, name: str, seed: int, args: argparse.Namespace) -> dict:
+    """Compile with key ``seed``, train under the budget and score one network on ``pedagogical(M)``."""
     config = network_config(name, args)
     start = time.perf_counter()
-    compiled = jaxic.compile(pedagogical, ["obs"], jax.random.key(args.seed), num_steps=0, model_kwargs={"M": M},
+    compiled = jaxic.compile(pedagogical, ["obs"], jax.random.key(seed), num_steps=0, model_kwargs={"M": M},
                              network=config, batch_size=args.batch_size, optimizer=optimizer_for(args),
                              progress=False)
     build_s = time.perf_counter() - start
@@ -97,10 +100,10 @@ def run_one(M: int, name: str, args: argparse.Namespace) -> dict:
     posterior = {}
     for obs in args.obs:
         posterior[str(float(obs))] = importance_metrics(
-            compiled, {"obs": obs}, args.particles, seeds=[args.seed + 1 + i for i in range(args.seeds)],
+            compiled, {"obs": obs}, args.particles, seeds=[seed + 1 + i for i in range(args.seeds)],
             extra=lambda post, obs=obs: circle_mass(post, obs, args.tol))
     skipped = len(compiled.history["skipped"])
-    return {"M": M, "network": name, "config": {"type": type(config).__name__, **dataclasses.asdict(config)},
+    return {"M": M, "network": name, "seed": seed, "config": {"type": type(config).__name__, **dataclasses.asdict(config)},
             "parameters": compiled.num_parameters, "build_s": build_s, "compile_s": training["compile_s"],
             "train_s": training["train_s"], "train_wall_s": training["wall_s"],
             "validation_s": training["validation_s"], "steps": training["steps"],
@@ -120,15 +123,20 @@ def budget_text(args: argparse.Namespace) -> str:
     return f"{args.seconds:g} s of training"
 
 
+def run_seed(run: dict) -> int:
+    return run.get("seed", 0)  # runs written before --seed took several keys were all compiled with key 0
+
+
 def markdown_table(runs: list[dict], obs_values: list[float]) -> list[str]:
     ess = [f"ESS/N obs={obs:g}" for obs in obs_values]
-    columns = ["M", "network", "parameters", "steps", "traces/s", "compile s", "-log q(x,y)", "-log q(trace)",
+    seeded = len({run_seed(r) for r in runs}) > 1
+    columns = ["M", "network", *(["seed"] if seeded else []), "parameters", "steps", "traces/s", "compile s", "-log q(x,y)", "-log q(trace)",
                *ess, "on ring", "y>0"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---:", "---"] + ["---:"] * (len(columns) - 2)) + "|"]
     ring = str(RING_OBS)
     for r in runs:
         post = r["posterior"]
-        cells = [str(r["M"]), r["network"], f"{r['parameters']:,}", f"{r['steps']:,}", f"{r['traces_per_s']:,.0f}",
+        cells = [str(r["M"]), r["network"], *([str(run_seed(r))] if seeded else []), f"{r['parameters']:,}", f"{r['steps']:,}", f"{r['traces_per_s']:,.0f}",
                  f"{r['build_s'] + r['compile_s']:.1f}", f"{r['heldout_loss_xy']:.2f}", f"{r['heldout_loss_full']:.1f}",
                  *[f"{post[str(float(obs))]['ess_over_n']:.4f}" for obs in obs_values],
                  f"{post[ring]['on_circle']:.2f}" if ring in post else "-",
@@ -138,16 +146,55 @@ def markdown_table(runs: list[dict], obs_values: list[float]) -> list[str]:
 
 
 def summary_lines(runs: list[dict]) -> list[str]:
-    """The held-out loss gap of the LSTM and the feed-forward network to the transformer, per M."""
-    by = {(r["M"], r["network"]): r for r in runs}
+    """The held-out loss gap of the LSTM and the feed-forward network to the transformer, per M (means over
+    training seeds); and, where one network has runs of several seeds at one M, their mean ESS/N."""
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["M"], r["network"]), []).append(r)
+    loss = {k: statistics.mean(r["heldout_loss_xy"] for r in v) for k, v in groups.items()}
     lines = []
     for other in ("lstm", "feedforward"):
-        gaps = [f"M={M}: {by[(M, other)]['heldout_loss_xy'] - by[(M, 'transformer')]['heldout_loss_xy']:+.2f}"
-                for M in sorted({r["M"] for r in runs}) if (M, other) in by and (M, "transformer") in by]
+        gaps = [f"M={M}: {loss[(M, other)] - loss[(M, 'transformer')]:+.2f}"
+                for M in sorted({r["M"] for r in runs}) if (M, other) in loss and (M, "transformer") in loss]
         if gaps:
             lines.append(f"- Held-out -log q(x,y) of {other} minus transformer (nats; > 0: transformer better): "
                          + ", ".join(gaps))
+    ring = str(RING_OBS)
+    for (M, name), group in sorted(groups.items()):
+        ess = [r["posterior"][ring]["ess_over_n"] for r in group if ring in r["posterior"]]
+        if len(ess) > 1:
+            lines.append(f"- {name} at M={M}, {len(ess)} training seeds ({', '.join(str(run_seed(r)) for r in group)}): "
+                         f"ESS/N at obs={RING_OBS:g} mean {statistics.mean(ess):.3f} (sd {statistics.stdev(ess):.3f}, "
+                         f"range {min(ess):.3f}-{max(ess):.3f}); -log q(x,y) mean "
+                         f"{statistics.mean(r['heldout_loss_xy'] for r in group):.2f}")
     return lines
+
+
+# What must agree for runs of two commands to share one table.
+COMPARABLE = ("steps", "seconds", "schedule", "learning_rate", "batch_size", "matched", "transformer_layers",
+              "particles", "seeds", "obs", "tol")
+
+
+def merged_runs(path: Path, args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """Runs in the JSON at ``path`` that this command does not redo, and the commands that made them."""
+    if not path.exists():
+        return [], []
+    old = json.loads(path.read_text())
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    differ = [k for k in COMPARABLE if old.get("config", {}).get(k) != config.get(k)]
+    if differ:
+        raise SystemExit(f"--merge: {path} was made with other settings ({', '.join(differ)}); "
+                         "rerun without --merge or pass another --json")
+    redone = {(M, name, seed) for M in args.M for name in args.networks for seed in args.seed}
+    kept = [r for r in old["runs"] if (r["M"], r["network"], run_seed(r)) not in redone]
+    commands = old.get("commands") or [line.removeprefix("- Command: ").strip("`")
+                                       for line in old.get("environment", []) if line.startswith("- Command: ")]
+    return kept, commands
+
+
+def run_order(run: dict) -> tuple:
+    order = ["transformer", "lstm", "feedforward"]
+    return run["M"], order.index(run["network"]) if run["network"] in order else len(order), run_seed(run)
 
 
 def shown(path: Path) -> str:
@@ -208,7 +255,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--obs", type=float, nargs="+", default=[RING_OBS],
                         help="observations for ESS/N (the ring check uses obs=25)")
     parser.add_argument("--tol", type=float, default=0.25, help="ring tolerance |r - sqrt(obs)| < tol")
-    parser.add_argument("--seed", type=int, default=0, help="compile key (network init, validation set, training)")
+    parser.add_argument("--seed", type=int, nargs="+", default=[0],
+                        help="compile keys (network init, validation set, training); several: one run per key, "
+                             "and the report gives their mean")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the runs already in --json (same budget, schedule and evaluation) that this "
+                             "command does not redo, and report them all together")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "attention_vs_lstm.json")
     parser.add_argument("--figure", type=Path, default=HERE / "figures" / "attention_vs_lstm.png")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md",
@@ -240,31 +292,46 @@ def main(argv: list[str] | None = None) -> None:
     schedule = (f"AdamW, warm-up then cosine decay from {args.learning_rate:g} to 5% over the {args.steps} steps"
                 if args.schedule == "cosine" else
                 f"constant learning rate {args.learning_rate:g} after a 100-step warm-up")
-    setup = (f"- Model: `jaxic.models.pedagogical(M)`; networks {', '.join(args.networks)} with {sizes}; "
-             f"{budget_text(args)} per run (compilation excluded), batch {args.batch_size}, {schedule}, "
-             f"compile key {args.seed}; "
-             f"{args.particles:,} particles x {args.seeds} seeds per posterior")
+
+    def setup_line(networks, seeds) -> str:
+        return (f"- Model: `jaxic.models.pedagogical(M)`; networks {', '.join(networks)} with {sizes}; "
+                f"{budget_text(args)} per run (compilation excluded), batch {args.batch_size}, {schedule}, "
+                f"compile key{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; "
+                f"{args.particles:,} particles x {args.seeds} seeds per posterior")
+
+    setup = setup_line(args.networks, args.seed)
     prior = {str(float(obs)): prior_ess_fraction(obs, args.particles, range(args.seeds)) for obs in args.obs}
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    kept, earlier = merged_runs(args.json, args) if args.merge else ([], [])
+    commands = [*earlier, shlex.join(["python", "benchmarks/attention_vs_lstm.py", *argv])]
+    if kept:
+        print(f"--merge: keeping {len(kept)} runs of {args.json}", flush=True)
+        env = [line for line in env if not line.startswith("- Command: ")] + [
+            "- Commands (their runs merged; the date and machine above are the last one's): "
+            + "; ".join(f"`{c}`" for c in commands)]
     payload = {"experiment": "attention_vs_lstm", "config": config, "argv": argv, "environment": env, "setup": setup,
+               "commands": commands,
                "matched_configs": {k: dataclasses.asdict(v) for k, v in MATCHED.items()},
-               "prior_ess_over_n": prior, "runs": []}
+               "prior_ess_over_n": prior, "runs": list(kept)}
     print(setup, flush=True)
     total = time.perf_counter()
-    for M in args.M:
-        for name in args.networks:
-            run = run_one(M, name, args)
-            payload["runs"].append(run)
-            ring = run["posterior"].get(str(RING_OBS), {})
-            ess = ", ".join(f"obs={k}: {v['ess_over_n']:.4f}" for k, v in run["posterior"].items())
-            print(f"M={M:>3} {name:>11}: {run['parameters']:,} params, build {run['build_s']:.1f} s, compile "
-                  f"{run['compile_s']:.1f} s, {run['steps']:,} steps in {run['train_s']:.1f} s "
-                  f"({run['traces_per_s']:,.0f} traces/s); -log q(x,y) {run['heldout_loss_xy']:.3f}, "
-                  f"trace {run['heldout_loss_full']:.2f}; ESS/N {ess}; on ring {ring.get('on_circle', math.nan):.2f}, "
-                  f"y>0 {ring.get('y_positive', math.nan):.2f}", flush=True)
-            if not args.no_write:
-                write_json(args.json, payload)
+    for M, name, seed in itertools.product(args.M, args.networks, args.seed):
+        run = run_one(M, name, seed, args)
+        payload["runs"].append(run)
+        payload["runs"].sort(key=run_order)
+        ring = run["posterior"].get(str(RING_OBS), {})
+        ess = ", ".join(f"obs={k}: {v['ess_over_n']:.4f}" for k, v in run["posterior"].items())
+        print(f"M={M:>3} {name:>11} seed {seed}: {run['parameters']:,} params, build {run['build_s']:.1f} s, compile "
+              f"{run['compile_s']:.1f} s, {run['steps']:,} steps in {run['train_s']:.1f} s "
+              f"({run['traces_per_s']:,.0f} traces/s); -log q(x,y) {run['heldout_loss_xy']:.3f}, "
+              f"trace {run['heldout_loss_full']:.2f}; ESS/N {ess}; on ring {ring.get('on_circle', math.nan):.2f}, "
+              f"y>0 {ring.get('y_positive', math.nan):.2f}", flush=True)
+        if not args.no_write:
+            write_json(args.json, payload)
     payload["total_s"] = time.perf_counter() - total
+    runs = payload["runs"]
+    setup = payload["setup"] = setup_line(list(dict.fromkeys(r["network"] for r in runs)),
+                                          sorted({run_seed(r) for r in runs}))
     print(f"\n(total {payload['total_s']:.0f} s)\n")
 
     figure_note = []

@@ -16,6 +16,9 @@ after the warm-up).
 * **compile s**: tracing, lowering and XLA compilation of the training chunk
   (``CompiledModel._multi_step``: ``steps_per_call`` steps in one ``lax.scan``) and of the
   importance sampler (``CompiledModel._sampler``), compiled ahead of time;
+* **micro-batch**: transformers whose batch has more than ``--max-rows`` activation rows (64 traces x
+  ``M + 4`` positions: M = 200 here) train in micro-batches (``jaxic.compile(..., microbatch_size=)``,
+  gradients averaged over the slices): on a CPU the activations of a tall batch fall out of cache;
 * **train traces/s**: ``64 * steps / seconds`` over ``--seconds`` of training after one warm-up chunk;
 * **matmul GFLOP/s (% of peak)**: dense matrix-product FLOPs of one training step, counted exactly
   from its jaxpr (``dot_general``; loop bodies times their trip count, the forward, backward and
@@ -46,8 +49,11 @@ threads never overlap jaxic's), with the same ESS/N evaluations. Ratios jaxic/pe
 next to the pyprob and Pyro CSIS reference figures quoted in the issue (measured there, not here).
 
 **Profile** (``--profile-M``, matched network): per-part timing of one training step (joint
-sampling, forward, forward + backward, optimizer update, each jitted alone) and, where
-``jax.profiler`` writes a Perfetto trace, the share of matrix-product kernels in the op time.
+sampling, forward, forward + backward, optimizer update, each jitted alone); the **matmul ceiling**:
+every distinct matrix product of forward + backward jitted and timed alone at its own shapes (the
+rate the step's products reach with nothing else in the way, which is what small or very tall
+products cap below the square-matmul peak); and, where ``jax.profiler`` writes a Perfetto trace,
+the share of matrix-product kernels in the op time.
 
 Everything is printed and written to the section ``## Throughput (benchmarks/throughput.py)`` of
 ``benchmarks/RESULTS.md`` (other sections are kept), with the machine, date, versions and command.
@@ -166,6 +172,45 @@ def matmul_flops(jaxpr) -> float:
     return total
 
 
+def matmul_products(jaxpr, times: int = 1, found: dict | None = None) -> dict:
+    """Every distinct ``dot_general`` a jaxpr executes, as ``{(lhs shape, rhs shape, dimension numbers,
+    dtype): executions}`` (loops counted like :func:`matmul_flops`)."""
+    found = {} if found is None else found
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            lhs, rhs = (v.aval for v in eqn.invars[:2])
+            key = (lhs.shape, rhs.shape, eqn.params["dimension_numbers"], str(lhs.dtype))
+            found[key] = found.get(key, 0) + times
+        elif name == "scan":
+            matmul_products(eqn.params["jaxpr"].jaxpr, times * eqn.params["length"], found)
+        elif name == "cond":
+            branches = [b.jaxpr for b in eqn.params["branches"]]
+            matmul_products(max(branches, key=matmul_flops), times, found)
+        else:
+            for value in eqn.params.values():
+                for sub in _subjaxprs(value):
+                    matmul_products(sub, times, found)
+    return found
+
+
+def matmul_ceiling(jaxpr, repeats: int = 5) -> list[dict]:
+    """Each distinct matrix product of ``jaxpr`` jitted and timed alone at its own shapes (best of
+    ``repeats``): what the step's matmuls cost with nothing else in the way. Sorted by total time."""
+    rows = []
+    for (lhs, rhs, dims, dtype), count in matmul_products(jaxpr).items():
+        a = jnp.ones(lhs, dtype)
+        b = jnp.ones(rhs, dtype)
+        product = jax.jit(lambda a, b, dims=dims: jax.lax.dot_general(a, b, dims))
+        out = jax.block_until_ready(product(a, b))
+        best = min(timed(product, a, b)[1] for _ in range(repeats))
+        (contract, _), _ = dims
+        flops = 2.0 * math.prod(out.shape) * math.prod(lhs[i] for i in contract)
+        rows.append({"lhs": lhs, "rhs": rhs, "out": out.shape, "count": count, "flops": flops * count,
+                     "seconds": best * count, "rate": flops / best})
+    return sorted(rows, key=lambda r: -r["seconds"])
+
+
 def executable_bytes(executable) -> int | None:
     """Arguments + outputs + temporaries of XLA's buffer plan (``None`` if the backend gives none)."""
     try:
@@ -209,6 +254,7 @@ class Cell:
 
     size: str
     M: int
+    microbatch: int  # traces per micro-batch of the training step (BATCH: none)
     parameters: int
     train_compile_s: float
     is_compile_s: float
@@ -233,9 +279,19 @@ class Cell:
         return self.flops_per_step * self.steps_per_s
 
 
-def build(size: str, M: int, optimizer=None) -> jaxic.CompiledModel:
+def microbatch_for(size: str, M: int, max_rows: int) -> int:
+    """Traces per micro-batch of a transformer's training step: the largest divisor of the batch whose
+    activations have at most ``max_rows`` rows (traces x ``M + 4`` positions); the whole batch for the
+    LSTM (it runs one token at a time: its products have batch rows whatever M is) or ``max_rows=0``."""
+    if max_rows <= 0 or isinstance(NETWORKS[size], LSTMConfig):
+        return BATCH
+    return max([d for d in range(1, BATCH + 1) if BATCH % d == 0 and d * (M + 4) <= max_rows] or [1])
+
+
+def build(size: str, M: int, optimizer=None, microbatch: int = BATCH) -> jaxic.CompiledModel:
     return jaxic.compile(pedagogical, observed=["obs"], key=jax.random.key(0), num_steps=0, model_kwargs={"M": M},
-                         network=NETWORKS[size], optimizer=optimizer, batch_size=BATCH, progress=False)
+                         network=NETWORKS[size], optimizer=optimizer, batch_size=BATCH, progress=False,
+                         microbatch_size=None if microbatch == BATCH else microbatch)
 
 
 def compile_trainer(compiled: jaxic.CompiledModel):
@@ -285,12 +341,13 @@ def train_chunks(trainer, state, chunk: int, seconds: float):
             return state, steps, elapsed
 
 
-def benchmark_cell(size: str, M: int, seconds: float, particles: int, repeats: int) -> Cell:
+def benchmark_cell(size: str, M: int, seconds: float, particles: int, repeats: int, max_rows: int) -> Cell:
     start = time.perf_counter()
-    compiled = build(size, M)
+    microbatch = microbatch_for(size, M, max_rows)
+    compiled = build(size, M, microbatch=microbatch)
     chunk = compiled.train_config.steps_per_call
-    print(f"[{size} M={M}] built in {time.perf_counter() - start:.1f} s, {compiled.num_parameters:,} parameters",
-          flush=True)
+    print(f"[{size} M={M}] built in {time.perf_counter() - start:.1f} s, {compiled.num_parameters:,} parameters, "
+          f"micro-batches of {microbatch}", flush=True)
     trainer, train_compile, flops, xla_flops = compile_trainer(compiled)
     (state, _), _ = timed(trainer, compiled.state, chunk)  # warm-up chunk
     state, steps, train_s = train_chunks(trainer, state, chunk, seconds)
@@ -310,7 +367,7 @@ def benchmark_cell(size: str, M: int, seconds: float, particles: int, repeats: i
     print(f"[{size} M={M}] IS: compile {is_compile:.1f} s, {particles:,} particles per call, {is_rate:,.0f} "
           f"particles/s, ESS/N {ess:.4f}; "
           f"peak RSS {peak_rss_mib():,.0f} MiB", flush=True)
-    return Cell(size, M, compiled.num_parameters, train_compile, is_compile, steps, train_s, rate, flops, xla_flops,
+    return Cell(size, M, microbatch, compiled.num_parameters, train_compile, is_compile, steps, train_s, rate, flops, xla_flops,
                 particles, is_rate, is_flops, ess, executable_bytes(trainer), executable_bytes(is_exe), device_peak_bytes())
 
 
@@ -332,9 +389,9 @@ class Quality:
 
 
 def time_to_quality(size: str, M: int, seconds: float, every: float, particles: int, horizon: int,
-                    learning_rate: float) -> Quality:
+                    learning_rate: float, max_rows: int) -> Quality:
     optimizer = training.default_optimizer(horizon, learning_rate)  # horizon 0: constant after the warm-up
-    compiled = build(size, M, optimizer)
+    compiled = build(size, M, optimizer, microbatch_for(size, M, max_rows))
     chunk = compiled.train_config.steps_per_call
     trainer, compile_s, _, _ = compile_trainer(compiled)
     sample, is_compile, _, _ = compile_sampler(compiled, particles)
@@ -361,7 +418,7 @@ def time_to_quality(size: str, M: int, seconds: float, every: float, particles: 
 # Profile of one training step
 
 
-def profile_step(M: int, repeats: int = 7) -> list[str]:
+def profile_step(M: int, repeats: int = 7, peak: float | None = None, max_rows: int = 0) -> list[str]:
     """Per-part timings of the matched network's training step at M; a few lines of findings.
 
     The whole step (one compiled chunk, per step) and its parts, each jitted alone, are timed
@@ -384,7 +441,12 @@ def profile_step(M: int, repeats: int = 7) -> list[str]:
     both = jax.jit(jax.value_and_grad(loss))
     _, grads = both(*args)
     update = jax.jit(compiled.optimizer.update)
-    parts = {"step": (lambda: trainer(state, chunk), chunk), "draw": (lambda: draw(jax.random.key(1)), 1),
+    microbatch = microbatch_for("matched", M, max_rows)
+    sliced = {}
+    if microbatch < BATCH:  # the step as the throughput table runs it, next to the whole-batch step
+        sliced_trainer = compile_trainer(build("matched", M, microbatch=microbatch))[0]
+        sliced = {"sliced": (lambda: sliced_trainer(state, chunk), chunk)}
+    parts = {**sliced, "step": (lambda: trainer(state, chunk), chunk), "draw": (lambda: draw(jax.random.key(1)), 1),
              "forward": (lambda: forward(*args), 1), "both": (lambda: both(*args), 1),
              "update": (lambda: update(grads, state.opt_state, trainable), 1)}
     times = {name: [] for name in parts}
@@ -403,6 +465,18 @@ def profile_step(M: int, repeats: int = 7) -> list[str]:
         f"network's forward pass {t['forward']:.0f} ms ({rate(f_fwd, t['forward'])}), forward + backward "
         f"{t['both']:.0f} ms ({rate(f_both, t['both'])}; the backward alone "
         f"{rate(f_both - f_fwd, max(t['both'] - t['forward'], 1e-6))}), the AdamW update {t['update']:.1f} ms."]
+    ceiling = matmul_ceiling(jax.make_jaxpr(jax.value_and_grad(loss))(*args).jaxpr)
+    c_flops, c_time = sum(r["flops"] for r in ceiling), sum(r["seconds"] for r in ceiling)
+    slowest = "; ".join(f"{'x'.join(map(str, r['lhs']))} . {'x'.join(map(str, r['rhs']))} x{r['count']}: "
+                        f"{1e3 * r['seconds']:.0f} ms at {r['rate'] / 1e9:,.0f} GFLOP/s" for r in ceiling[:3])
+    lines.append(
+        f"Ceiling: the {len(ceiling)} distinct matrix products of forward + backward, each jitted and timed alone "
+        f"at its own shapes, take {1e3 * c_time:.0f} ms together ({c_flops / c_time / 1e9:,.0f} GFLOP/s"
+        + (f", {100 * c_flops / c_time / peak:.0f}% of the square-matmul peak" if peak else "")
+        + f"); forward + backward run at {100 * c_time / (t['both'] / 1e3):.0f}% of that. Slowest: {slowest}.")
+    if sliced:
+        lines.append(f"In micro-batches of {microbatch} traces (`microbatch_size`, as in the throughput table) the "
+                     f"step takes {t['sliced']:.0f} ms ({rate(f_step, t['sliced'])}).")
     split = op_split(both, args)
     if split:
         lines.append(f"Of XLA's op time in forward + backward, matrix-product kernels take {100 * split['matmul']:.0f}%, "
@@ -527,9 +601,9 @@ def find(cells: list[Cell], size: str, M: int) -> Cell | None:
 
 
 def throughput_table(cells: list[Cell], peak: float) -> list[str]:
-    columns = ["network", "M", "parameters", "compile s (train / IS)", "train traces/s",
+    columns = ["network", "M", "micro-batch", "parameters", "compile s (train / IS)", "train traces/s",
                "matmul GFLOP/s (% of peak)", "IS particles/s", "us/particle", "ESS/N", "memory MiB (train / IS)"]
-    rows = [[c.size, str(c.M), f"{c.parameters:,}", f"{c.train_compile_s:.1f} / {c.is_compile_s:.1f}",
+    rows = [[c.size, str(c.M), "-" if c.microbatch == BATCH else str(c.microbatch), f"{c.parameters:,}", f"{c.train_compile_s:.1f} / {c.is_compile_s:.1f}",
              _rate(c.train_traces_per_s),
              f"{c.train_flops_per_s() / 1e9:,.1f} ({100 * c.train_flops_per_s() / peak:.0f}%)",
              _rate(c.is_particles_per_s), f"{1e6 / c.is_particles_per_s:,.1f}", f"{c.ess_fraction:.4f}",
@@ -754,11 +828,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="M values of the peer's runs (default: those of --quality-M)")
     parser.add_argument("--peer-particles", type=int, default=200, help="particles of the timed CSIS.run call")
     parser.add_argument("--peer-threads", type=int, default=None, help="torch threads of the peer (default: torch's)")
-    parser.add_argument("--profile-M", type=int, default=20, help="M of the profile (matched network); -1 skips it")
+    parser.add_argument("--max-rows", type=int, default=4096,
+                        help="transformers train in micro-batches of at most this many activation rows (traces x "
+                             "positions; 0: whole batches): on CPUs, tall activations fall out of cache")
+    parser.add_argument("--profile-M", type=int, nargs="*", default=[2, 20, 200],
+                        help="Ms of the profile (matched network); none skips it")
     parser.add_argument("--matmul-sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--matmul-repeats", type=int, default=5)
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md",
                         help="markdown file whose throughput section is written or replaced")
+    parser.add_argument("--section", default=None,
+                        help="write a separate RESULTS.md section titled with this suffix (e.g. for a run of a few "
+                             "cells and profiles that should not replace the full run's section)")
     parser.add_argument("--no-write", action="store_true", help="only print the results")
     args = parser.parse_args(argv)
     if args.peer_M is None:
@@ -775,29 +856,33 @@ def main(argv: list[str] | None = None) -> None:
     before = measure_matmul(args.matmul_sizes, args.matmul_repeats)
     print("matmul GFLOP/s: " + ", ".join(f"n={n}: {r / 1e9:,.0f}" for n, r in before.items()), flush=True)
 
-    cells = [benchmark_cell(size, M, args.seconds, args.particles, args.repeats)
+    cells = [benchmark_cell(size, M, args.seconds, args.particles, args.repeats, args.max_rows)
              for size in args.sizes for M in args.M]
     qualities = []
     for size in args.quality_sizes:
         for M in args.quality_M:
             cell = find(cells, size, M)
             if cell is None:  # the schedule's horizon needs this network's step rate
-                cell = benchmark_cell(size, M, min(args.seconds, 10.0), args.particles, args.repeats)
+                cell = benchmark_cell(size, M, min(args.seconds, 10.0), args.particles, args.repeats, args.max_rows)
                 cells.append(cell)
             horizon = int(cell.steps_per_s * args.quality_seconds) if args.quality_schedule == "cosine" else 0
             qualities.append(time_to_quality(size, M, args.quality_seconds, args.quality_every,
-                                             args.quality_particles, horizon, args.quality_learning_rate))
+                                             args.quality_particles, horizon, args.quality_learning_rate,
+                                             args.max_rows))
     profile_lines = []
-    if args.profile_M >= 0:
-        profile_lines = profile_step(args.profile_M)
-        print("\n".join(profile_lines), flush=True)
+    for M in args.profile_M:
+        # Long traces: fewer timing rounds (a round runs two 25-step chunks, about a minute at M = 200).
+        lines = profile_step(M, repeats=7 if M <= 50 else 3, peak=max(before.values()), max_rows=args.max_rows)
+        print("\n".join(lines), flush=True)
+        profile_lines += [*lines, ""]
     after = measure_matmul(args.matmul_sizes, args.matmul_repeats)
     peer, peer_reason = run_peer(args)
     args.peak = max([*before.values(), *after.values()])
     body = environment_lines("throughput.py", argv) + report(args, cells, (before, after), qualities, peer,
                                                              peer_reason, profile_lines)
     print(f"\n(total {time.perf_counter() - start:.1f} s)\n")
-    publish(args.output, HEADING, body, write=not args.no_write)
+    heading = HEADING if args.section is None else f"{HEADING}: {args.section}"
+    publish(args.output, heading, body, write=not args.no_write)
 
 
 if __name__ == "__main__":

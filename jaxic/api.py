@@ -41,6 +41,7 @@ class TrainConfig:
     steps_per_call: int = 25
     validation_every: int = 250
     custom_optimizer: bool = False
+    microbatch_size: int | None = None
 
 
 def _bind(model: Callable, model_args: Sequence, model_kwargs: Mapping | None) -> Callable:
@@ -91,10 +92,13 @@ class CompiledModel:
             # Data objectives pick their own plate elements; the others train on one element.
             objective_model = self._full_model if self.objective.needs_data else self._bound
             step = training.build_step(self.graphdef, self.objective, self.optimizer, train_config.batch_size,
-                                       objective_model, self.param_constraints)
+                                       objective_model, self.param_constraints, train_config.microbatch_size)
             placement = {} if self.mesh is None else {"out_shardings": parallel.replicated(self.mesh)}
             self._multi_step = jax.jit(training.build_multi_step(step, train_config.steps_per_call), **placement)
         else:
+            if train_config.microbatch_size is not None:
+                raise JaxicError(f"microbatch_size works on the masked path only; this model takes the {self.path} "
+                                 "path. Drop microbatch_size (or lower batch_size).")
             self._batch_step = jax.jit(training.build_batch_step(self.graphdef, forward_kl_loss, self.optimizer))
         self._validate = jax.jit(functools.partial(training.evaluate, forward_kl_loss, self.graphdef))
         self._samplers: dict[tuple[int, bool], Callable] = {}
@@ -110,6 +114,8 @@ class CompiledModel:
             raise JaxicError(f"devices= trains on several devices on the masked path only; this model takes the "
                              f"{self.path} path. Drop devices= (or make the model jit: see jaxic.control_flow).")
         parallel.check_divisible(self.train_config.batch_size, self.mesh, "batch_size")
+        if self.train_config.microbatch_size is not None:
+            parallel.check_divisible(self.train_config.microbatch_size, self.mesh, "microbatch_size")
         self.objective = dataclasses.replace(self.objective, batch_sharding=parallel.batch_sharding(self.mesh))
         self.state = parallel.replicate(self.state, self.mesh)
         self.validation = parallel.replicate(self.validation, self.mesh)
@@ -467,7 +473,7 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
             model_args: Sequence = (), model_kwargs: Mapping | None = None,
             network: Any = None, optimizer: optax.GradientTransformation | None = None,
             batch_size: int = 64, learning_rate: float = 3e-3, validation_size: int = 1024,
-            observation_embedders: Mapping[str, nnx.Module] | None = None,
+            microbatch_size: int | None = None, observation_embedders: Mapping[str, nnx.Module] | None = None,
             path: str = "auto", dataset: TraceDataset | str | os.PathLike | None = None,
             pilot_traces: int = 256, max_tokens: int | None = None, objective: Any = None,
             data: Mapping[str, Any] | None = None, local_plate: str | None = None,
@@ -490,6 +496,9 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
             ``"feedforward"``).
         optimizer: an optax optimizer (default AdamW, warm-up and cosine decay). Non-finite
             steps are always skipped and counted in ``history["skipped"]``.
+        microbatch_size: masked path: process each batch in slices of this many traces (a divisor of
+            ``batch_size``) and average their gradients: memory and, on CPUs, cache use scale with the
+            slice (for long traces: see :func:`jaxic.training.build_step`).
         observation_embedders: per observed site, an ``nnx.Module`` mapping the observation to a
             ``(d_model,)`` vector (default: an MLP on the normalised, flattened value).
         path: ``"masked"`` runs the model vmapped under jit (stochastic control flow written with
@@ -528,8 +537,12 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
             raise JaxicError(f"unknown network {network!r}; choose one of {sorted(NETWORKS)} or pass a "
                              "configuration such as jaxic.networks.LSTMConfig(lstm_dim=128).")
         network = NETWORKS[network]()
+    if microbatch_size is not None and (microbatch_size < 1 or batch_size % microbatch_size):
+        raise JaxicError(f"microbatch_size={microbatch_size} must be a positive divisor of batch_size={batch_size}, "
+                         f"such as {[d for d in range(1, batch_size + 1) if batch_size % d == 0][-6:]}.")
     train_config = TrainConfig(num_steps=num_steps, batch_size=batch_size, learning_rate=learning_rate,
                                validation_size=validation_size, custom_optimizer=optimizer is not None,
+                               microbatch_size=microbatch_size,
                                validation_every=max(TrainConfig.steps_per_call, num_steps // 20))
     if dataset is not None and not isinstance(dataset, TraceDataset):
         dataset = TraceDataset(dataset, holdout=validation_size)

@@ -277,6 +277,7 @@ def plot_sweep(runs: Sequence[Mapping], obs: float = 25.0, axes=None, prior_ess:
     holding ``ess_over_n`` and ``on_circle`` (as ``benchmarks/attention_vs_lstm.py`` writes them).
     Panels: held-out ``-log q(x, y | obs)``; ESS/N at ``obs`` (log scale; ``prior_ess`` as a dashed
     floor); the fraction of raw proposal draws on the ring (``tol`` as given to :func:`circle_mass`).
+    Several runs of one network at one M (training seeds) are drawn as dots around their mean.
     Returns the figure.
 
     Example:
@@ -290,16 +291,23 @@ def plot_sweep(runs: Sequence[Mapping], obs: float = 25.0, axes=None, prior_ess:
     else:
         fig = axes[0].figure
     key = str(float(obs))
+    panels = (lambda r: r["heldout_loss_xy"],
+              lambda r: max(r.get("posterior", {}).get(key, {}).get("ess_over_n", np.nan), 1e-6),
+              lambda r: r.get("posterior", {}).get(key, {}).get("on_circle", np.nan))
     networks = list(dict.fromkeys(r["network"] for r in runs))
     for name in networks:
-        rows = sorted((r for r in runs if r["network"] == name), key=lambda r: r["M"])
+        # Several runs at one M (training seeds): the line goes through their mean, each run is a dot.
+        by_M: dict[int, list] = {}
+        for r in runs:
+            if r["network"] == name:
+                by_M.setdefault(r["M"], []).append(r)
+        M = sorted(by_M)
         color, marker = _STYLES.get(name, (None, "o"))
-        M = [r["M"] for r in rows]
-        post = [r.get("posterior", {}).get(key, {}) for r in rows]
-        style = dict(color=color, marker=marker, label=name)
-        axes[0].plot(M, [r["heldout_loss_xy"] for r in rows], **style)
-        axes[1].plot(M, [max(p.get("ess_over_n", np.nan), 1e-6) for p in post], **style)
-        axes[2].plot(M, [p.get("on_circle", np.nan) for p in post], **style)
+        for ax, value in zip(axes, panels):
+            ax.plot(M, [np.mean([value(r) for r in by_M[m]]) for m in M], color=color, marker=marker, label=name)
+            repeated = [(m, value(r)) for m in M if len(by_M[m]) > 1 for r in by_M[m]]
+            if repeated:
+                ax.scatter(*zip(*repeated), color=color, s=10, alpha=0.5)
     if prior_ess is not None:
         axes[1].axhline(prior_ess, color="grey", ls="--", lw=1, label="prior as proposal")
     axes[0].set(ylabel=r"held-out $-\log q(x, y \mid obs)$", title="forward-KL loss on x and y")

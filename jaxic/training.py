@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxic.errors import JaxicError
 from jaxic.tracing.params import ParameterisedModel
 
 # Far above any real run: non-finite steps are skipped and counted, never applied.
@@ -95,26 +96,53 @@ def _update(optimizer, state: TrainState, loss, grads, key) -> tuple[TrainState,
 
 def build_step(graphdef, objective: Callable, optimizer: optax.GradientTransformation, batch_size: int,
                model: Callable | None = None, param_constraints: dict | None = None,
-               ) -> Callable[..., tuple[TrainState, TrainInfo]]:
+               microbatch_size: int | None = None) -> Callable[..., tuple[TrainState, TrainInfo]]:
     """One optimisation step of ``objective``; pure, so jit, scan or shard it freely.
 
     The objective is called as ``objective(network, model, key, batch_size, data)`` where
     ``model`` is a :class:`jaxic.tracing.ParameterisedModel` carrying the state's model
     parameters. ``step(state)`` or, for objectives that read real data, ``step(state, data)``.
     ``optimizer`` should be wrapped with :func:`guard` (``init`` must use the same object).
+
+    ``microbatch_size`` (dividing ``batch_size``): the batch is drawn and differentiated in
+    ``batch_size // microbatch_size`` slices of that size, one after another in a ``lax.scan``, and
+    their mean loss and gradient make one update. Activations then scale with the micro-batch, not
+    the batch: long traces fit in memory, and on CPUs the per-slice matrices stay in cache (see
+    ``benchmarks/RESULTS.md``). Objectives are means over the batch, so the update is that of the
+    whole batch in distribution (the slices draw their traces with keys of their own).
+
+    Example:
+        >>> step = jax.jit(build_step(graphdef, ForwardKL(spec), optimizer, batch_size=64, model=model,
+        ...                           microbatch_size=16))
     """
     constraints = dict(param_constraints or {})
+    micro = batch_size if microbatch_size is None else microbatch_size
+    if micro < 1 or batch_size % micro:
+        raise JaxicError(f"microbatch_size={microbatch_size} must be a positive divisor of batch_size={batch_size}.")
+    num_slices = batch_size // micro
 
     def loss_fn(trainable, statistics, key, data):
         params, model_params = trainable
         network = nnx.merge(graphdef, params, statistics)
-        loss, _ = objective(network, ParameterisedModel(model, model_params, constraints), key, batch_size, data)
+        loss, _ = objective(network, ParameterisedModel(model, model_params, constraints), key, micro, data)
         return loss
+
+    def loss_and_grads(trainable, statistics, key, data):
+        if num_slices == 1:
+            return jax.value_and_grad(loss_fn)(trainable, statistics, key, data)
+
+        def accumulate(total, slice_key):
+            part = jax.value_and_grad(loss_fn)(trainable, statistics, slice_key, data)
+            return jax.tree.map(jnp.add, total, part), None
+
+        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
+        total, _ = jax.lax.scan(accumulate, zero, jax.random.split(key, num_slices))
+        return jax.tree.map(lambda x: x / num_slices, total)
 
     def step(state: TrainState, data=None) -> tuple[TrainState, TrainInfo]:
         key, step_key = jax.random.split(state.key)
         trainable = (state.params, state.model_params)
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, state.statistics, step_key, data)
+        loss, grads = loss_and_grads(trainable, state.statistics, step_key, data)
         return _update(optimizer, state, loss, grads, key)
 
     return step

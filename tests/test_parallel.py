@@ -62,6 +62,12 @@ FOUR_DEVICES = textwrap.dedent('''
     assert "num_partitions=4" in hlo4.splitlines()[0] and "all-reduce" in hlo4
     assert "all-reduce" not in hlo1
 
+    # Micro-batches of 4 traces, each split over the 4 devices: still the losses of one device.
+    micro = dict(kw, microbatch_size=4)
+    one_micro = jaxic.compile(pedagogical, observed=["obs"], model_kwargs={"M": 2}, **micro).train(N, progress=False)
+    four_micro = jaxic.compile(pedagogical, observed=["obs"], model_kwargs={"M": 2}, devices=4, **micro)
+    close(four_micro.train(N, progress=False).history["loss"], one_micro.history["loss"])
+
     # Clear errors when the work does not split evenly.
     try:
         four.posterior(jax.random.key(1), obs, num_samples=62)
