@@ -135,8 +135,10 @@ def build_step(graphdef, objective: Callable, optimizer: optax.GradientTransform
             part = jax.value_and_grad(loss_fn)(trainable, statistics, slice_key, data)
             return jax.tree.map(jnp.add, total, part), None
 
-        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
-        total, _ = jax.lax.scan(accumulate, zero, jax.random.split(key, num_slices))
+        keys = jax.random.split(key, num_slices)
+        shapes = jax.eval_shape(jax.value_and_grad(loss_fn), trainable, statistics, keys[0], data)
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        total, _ = jax.lax.scan(accumulate, zero, keys)
         return jax.tree.map(lambda x: x / num_slices, total)
 
     def step(state: TrainState, data=None) -> tuple[TrainState, TrainInfo]:
