@@ -60,7 +60,7 @@ def test_microbatch_size_must_divide_the_batch():
 def test_compile_trains_with_micro_batches_and_keeps_the_setting_in_checkpoints(tmp_path):
     kw = dict(observed=["obs"], key=jax.random.key(0), batch_size=8, validation_size=16,
               model_kwargs={"M": 1}, network=TINY, progress=False)
-    compiled = jaxic.compile(pedagogical, num_steps=50, microbatch_size=4, **kw)
+    compiled = jaxic.compile(pedagogical, num_steps=25, microbatch_size=4, **kw)
     assert compiled.train_config.microbatch_size == 4
     assert np.isfinite(compiled.history["loss"]).all()
     compiled.save(tmp_path / "ckpt")
