@@ -103,7 +103,8 @@ def run_one(M: int, name: str, seed: int, args: argparse.Namespace) -> dict:
             compiled, {"obs": obs}, args.particles, seeds=[seed + 1 + i for i in range(args.seeds)],
             extra=lambda post, obs=obs: circle_mass(post, obs, args.tol))
     skipped = len(compiled.history["skipped"])
-    return {"M": M, "network": name, "seed": seed, "config": {"type": type(config).__name__, **dataclasses.asdict(config)},
+    return {"M": M, "network": name, "seed": seed,
+            "config": {"type": type(config).__name__, **dataclasses.asdict(config)},
             "parameters": compiled.num_parameters, "build_s": build_s, "compile_s": training["compile_s"],
             "train_s": training["train_s"], "train_wall_s": training["wall_s"],
             "validation_s": training["validation_s"], "steps": training["steps"],
@@ -130,13 +131,14 @@ def run_seed(run: dict) -> int:
 def markdown_table(runs: list[dict], obs_values: list[float]) -> list[str]:
     ess = [f"ESS/N obs={obs:g}" for obs in obs_values]
     seeded = len({run_seed(r) for r in runs}) > 1
-    columns = ["M", "network", *(["seed"] if seeded else []), "parameters", "steps", "traces/s", "compile s", "-log q(x,y)", "-log q(trace)",
-               *ess, "on ring", "y>0"]
+    columns = ["M", "network", *(["seed"] if seeded else []), "parameters", "steps", "traces/s", "compile s",
+               "-log q(x,y)", "-log q(trace)", *ess, "on ring", "y>0"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---:", "---"] + ["---:"] * (len(columns) - 2)) + "|"]
     ring = str(RING_OBS)
     for r in runs:
         post = r["posterior"]
-        cells = [str(r["M"]), r["network"], *([str(run_seed(r))] if seeded else []), f"{r['parameters']:,}", f"{r['steps']:,}", f"{r['traces_per_s']:,.0f}",
+        cells = [str(r["M"]), r["network"], *([str(run_seed(r))] if seeded else []), f"{r['parameters']:,}",
+                 f"{r['steps']:,}", f"{r['traces_per_s']:,.0f}",
                  f"{r['build_s'] + r['compile_s']:.1f}", f"{r['heldout_loss_xy']:.2f}", f"{r['heldout_loss_full']:.1f}",
                  *[f"{post[str(float(obs))]['ess_over_n']:.4f}" for obs in obs_values],
                  f"{post[ring]['on_circle']:.2f}" if ring in post else "-",
@@ -163,7 +165,8 @@ def summary_lines(runs: list[dict]) -> list[str]:
     for (M, name), group in sorted(groups.items()):
         ess = [r["posterior"][ring]["ess_over_n"] for r in group if ring in r["posterior"]]
         if len(ess) > 1:
-            lines.append(f"- {name} at M={M}, {len(ess)} training seeds ({', '.join(str(run_seed(r)) for r in group)}): "
+            seeds = ", ".join(str(run_seed(r)) for r in group)
+            lines.append(f"- {name} at M={M}, {len(ess)} training seeds ({seeds}): "
                          f"ESS/N at obs={RING_OBS:g} mean {statistics.mean(ess):.3f} (sd {statistics.stdev(ess):.3f}, "
                          f"range {min(ess):.3f}-{max(ess):.3f}); -log q(x,y) mean "
                          f"{statistics.mean(r['heldout_loss_xy'] for r in group):.2f}")
@@ -175,12 +178,17 @@ COMPARABLE = ("steps", "seconds", "schedule", "learning_rate", "batch_size", "ma
               "particles", "seeds", "obs", "tol")
 
 
+def config_of(args: argparse.Namespace) -> dict:
+    """The command's settings as JSON values."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
 def merged_runs(path: Path, args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     """Runs in the JSON at ``path`` that this command does not redo, and the commands that made them."""
     if not path.exists():
         return [], []
     old = json.loads(path.read_text())
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config = config_of(args)
     differ = [k for k in COMPARABLE if old.get("config", {}).get(k) != config.get(k)]
     if differ:
         raise SystemExit(f"--merge: {path} was made with other settings ({', '.join(differ)}); "
@@ -301,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
 
     setup = setup_line(args.networks, args.seed)
     prior = {str(float(obs)): prior_ess_fraction(obs, args.particles, range(args.seeds)) for obs in args.obs}
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config = config_of(args)
     kept, earlier = merged_runs(args.json, args) if args.merge else ([], [])
     commands = [*earlier, shlex.join(["python", "benchmarks/attention_vs_lstm.py", *argv])]
     if kept:

@@ -148,33 +148,22 @@ def _subjaxprs(value):
             yield from _subjaxprs(v)
 
 
-def matmul_flops(jaxpr) -> float:
-    """FLOPs of the dense matrix products (``dot_general``) a jaxpr executes.
-
-    A ``scan`` body counts ``length`` times, a ``cond`` its most expensive branch, a ``while``
-    body once (unknown trip count; jaxic's training and sampling loops are scans).
-    """
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            (contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contract)
-        elif name == "scan":
-            total += eqn.params["length"] * matmul_flops(eqn.params["jaxpr"].jaxpr)
-        elif name == "cond":
-            total += max(matmul_flops(b.jaxpr) for b in eqn.params["branches"])
-        else:
-            for value in eqn.params.values():
-                for sub in _subjaxprs(value):
-                    total += matmul_flops(sub)
-    return total
+def dot_flops(lhs: tuple, rhs: tuple, dims) -> float:
+    """FLOPs of one ``dot_general`` of operands shaped ``lhs`` and ``rhs``: 2 x output size x contraction."""
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dims
+    lhs_free = [n for i, n in enumerate(lhs) if i not in (*lhs_contract, *lhs_batch)]
+    rhs_free = [n for i, n in enumerate(rhs) if i not in (*rhs_contract, *rhs_batch)]
+    out = math.prod(lhs[i] for i in lhs_batch) * math.prod(lhs_free) * math.prod(rhs_free)
+    return 2.0 * out * math.prod(lhs[i] for i in lhs_contract)
 
 
 def matmul_products(jaxpr, times: int = 1, found: dict | None = None) -> dict:
     """Every distinct ``dot_general`` a jaxpr executes, as ``{(lhs shape, rhs shape, dimension numbers,
-    dtype): executions}`` (loops counted like :func:`matmul_flops`)."""
+    dtype): executions}``.
+
+    A ``scan`` body counts ``length`` times, a ``cond`` its most expensive branch, a ``while``
+    body once (unknown trip count; jaxic's training and sampling loops are scans).
+    """
     found = {} if found is None else found
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
@@ -194,6 +183,12 @@ def matmul_products(jaxpr, times: int = 1, found: dict | None = None) -> dict:
     return found
 
 
+def matmul_flops(jaxpr) -> float:
+    """FLOPs of the dense matrix products (``dot_general``) a jaxpr executes (loops as in
+    :func:`matmul_products`)."""
+    return sum(count * dot_flops(lhs, rhs, dims) for (lhs, rhs, dims, _), count in matmul_products(jaxpr).items())
+
+
 def matmul_ceiling(jaxpr, repeats: int = 5) -> list[dict]:
     """Each distinct matrix product of ``jaxpr`` jitted and timed alone at its own shapes (best of
     ``repeats``): what the step's matmuls cost with nothing else in the way. Sorted by total time."""
@@ -202,11 +197,10 @@ def matmul_ceiling(jaxpr, repeats: int = 5) -> list[dict]:
         a = jnp.ones(lhs, dtype)
         b = jnp.ones(rhs, dtype)
         product = jax.jit(lambda a, b, dims=dims: jax.lax.dot_general(a, b, dims))
-        out = jax.block_until_ready(product(a, b))
+        jax.block_until_ready(product(a, b))
         best = min(timed(product, a, b)[1] for _ in range(repeats))
-        (contract, _), _ = dims
-        flops = 2.0 * math.prod(out.shape) * math.prod(lhs[i] for i in contract)
-        rows.append({"lhs": lhs, "rhs": rhs, "out": out.shape, "count": count, "flops": flops * count,
+        flops = dot_flops(lhs, rhs, dims)
+        rows.append({"lhs": lhs, "rhs": rhs, "count": count, "flops": flops * count,
                      "seconds": best * count, "rate": flops / best})
     return sorted(rows, key=lambda r: -r["seconds"])
 
@@ -367,8 +361,9 @@ def benchmark_cell(size: str, M: int, seconds: float, particles: int, repeats: i
     print(f"[{size} M={M}] IS: compile {is_compile:.1f} s, {particles:,} particles per call, {is_rate:,.0f} "
           f"particles/s, ESS/N {ess:.4f}; "
           f"peak RSS {peak_rss_mib():,.0f} MiB", flush=True)
-    return Cell(size, M, microbatch, compiled.num_parameters, train_compile, is_compile, steps, train_s, rate, flops, xla_flops,
-                particles, is_rate, is_flops, ess, executable_bytes(trainer), executable_bytes(is_exe), device_peak_bytes())
+    return Cell(size, M, microbatch, compiled.num_parameters, train_compile, is_compile, steps, train_s, rate, flops,
+                xla_flops, particles, is_rate, is_flops, ess, executable_bytes(trainer), executable_bytes(is_exe),
+                device_peak_bytes())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -603,7 +598,8 @@ def find(cells: list[Cell], size: str, M: int) -> Cell | None:
 def throughput_table(cells: list[Cell], peak: float) -> list[str]:
     columns = ["network", "M", "micro-batch", "parameters", "compile s (train / IS)", "train traces/s",
                "matmul GFLOP/s (% of peak)", "IS particles/s", "us/particle", "ESS/N", "memory MiB (train / IS)"]
-    rows = [[c.size, str(c.M), "-" if c.microbatch == BATCH else str(c.microbatch), f"{c.parameters:,}", f"{c.train_compile_s:.1f} / {c.is_compile_s:.1f}",
+    rows = [[c.size, str(c.M), "-" if c.microbatch == BATCH else str(c.microbatch), f"{c.parameters:,}",
+             f"{c.train_compile_s:.1f} / {c.is_compile_s:.1f}",
              _rate(c.train_traces_per_s),
              f"{c.train_flops_per_s() / 1e9:,.1f} ({100 * c.train_flops_per_s() / peak:.0f}%)",
              _rate(c.is_particles_per_s), f"{1e6 / c.is_particles_per_s:,.1f}", f"{c.ess_fraction:.4f}",

@@ -537,9 +537,7 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
             raise JaxicError(f"unknown network {network!r}; choose one of {sorted(NETWORKS)} or pass a "
                              "configuration such as jaxic.networks.LSTMConfig(lstm_dim=128).")
         network = NETWORKS[network]()
-    if microbatch_size is not None and (microbatch_size < 1 or batch_size % microbatch_size):
-        raise JaxicError(f"microbatch_size={microbatch_size} must be a positive divisor of batch_size={batch_size}, "
-                         f"such as {[d for d in range(1, batch_size + 1) if batch_size % d == 0][-6:]}.")
+    training.num_microbatches(batch_size, microbatch_size)  # fail before tracing the model
     train_config = TrainConfig(num_steps=num_steps, batch_size=batch_size, learning_rate=learning_rate,
                                validation_size=validation_size, custom_optimizer=optimizer is not None,
                                microbatch_size=microbatch_size,

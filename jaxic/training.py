@@ -94,6 +94,22 @@ def _update(optimizer, state: TrainState, loss, grads, key) -> tuple[TrainState,
     return new_state, TrainInfo(loss, grad_norm, skipped)
 
 
+def num_microbatches(batch_size: int, microbatch_size: int | None) -> int:
+    """How many slices ``microbatch_size`` cuts a batch into (1 for ``None``); a clear error unless it divides.
+
+    Example:
+        >>> num_microbatches(64, 16)
+        4
+    """
+    if microbatch_size is None:
+        return 1
+    if microbatch_size < 1 or batch_size % microbatch_size:
+        divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+        raise JaxicError(f"microbatch_size={microbatch_size} must be a positive divisor of batch_size={batch_size}, "
+                         f"such as {divisors[-6:]}.")
+    return batch_size // microbatch_size
+
+
 def build_step(graphdef, objective: Callable, optimizer: optax.GradientTransformation, batch_size: int,
                model: Callable | None = None, param_constraints: dict | None = None,
                microbatch_size: int | None = None) -> Callable[..., tuple[TrainState, TrainInfo]]:
@@ -116,10 +132,8 @@ def build_step(graphdef, objective: Callable, optimizer: optax.GradientTransform
         ...                           microbatch_size=16))
     """
     constraints = dict(param_constraints or {})
-    micro = batch_size if microbatch_size is None else microbatch_size
-    if micro < 1 or batch_size % micro:
-        raise JaxicError(f"microbatch_size={microbatch_size} must be a positive divisor of batch_size={batch_size}.")
-    num_slices = batch_size // micro
+    num_slices = num_microbatches(batch_size, microbatch_size)
+    micro = batch_size // num_slices
 
     def loss_fn(trainable, statistics, key, data):
         params, model_params = trainable
