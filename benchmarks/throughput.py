@@ -14,8 +14,8 @@ after the warm-up).
 **Throughput table**, per network and M (``--M``):
 
 * **compile s**: tracing, lowering and XLA compilation of the training chunk
-  (``CompiledModel._multi_step``: ``steps_per_call`` steps in one ``lax.scan``) and of the
-  importance sampler (``CompiledModel._sampler``), compiled ahead of time;
+  (``CompiledModel.loop.multi_step``: ``steps_per_call`` steps in one ``lax.scan``) and of the
+  importance sampler (``jaxic.importance_sample`` on ``compiled.proposal``), compiled ahead of time;
 * **micro-batch**: transformers whose batch has more than ``--max-rows`` activation rows (64 traces x
   ``M + 4`` positions: M = 200 here) train in micro-batches (``jaxic.compile(..., microbatch_size=)``,
   gradients averaged over the slices): on a CPU the activations of a tall batch fall out of cache;
@@ -292,18 +292,19 @@ def compile_trainer(compiled: jaxic.CompiledModel):
     """The training chunk compiled ahead of time: ``(executable, seconds, matmul FLOPs/step, XLA flops)``."""
     chunk = compiled.train_config.steps_per_call
     start = time.perf_counter()
-    executable = compiled._multi_step.lower(compiled.state, chunk).compile()
+    executable = compiled.loop.multi_step.lower(compiled.state, chunk).compile()
     seconds = time.perf_counter() - start
-    flops = matmul_flops(jax.make_jaxpr(compiled._multi_step)(compiled.state, chunk).jaxpr) / chunk
+    flops = matmul_flops(jax.make_jaxpr(compiled.loop.multi_step)(compiled.state, chunk).jaxpr) / chunk
     xla = float((executable.cost_analysis() or {}).get("flops", float("nan")))
     return executable, seconds, flops, xla
 
 
 def compile_sampler(compiled: jaxic.CompiledModel, particles: int):
     """The importance sampler for ``particles`` at ``obs = 25``: ``(call(key), seconds, FLOPs/particle, exe)``."""
-    sampler = compiled._sampler(particles, False)
+    sampler = jax.jit(lambda proposal, key, obs: jaxic.importance_sample(proposal, None, key, obs, particles))
     observations = {"obs": jnp.float32(OBS)}
-    args = lambda key: (compiled.state.params, compiled.statistics, compiled.state.model_params, key, observations)
+    proposal = compiled.proposal
+    args = lambda key: (proposal, key, observations)
     start = time.perf_counter()
     executable = sampler.lower(*args(jax.random.key(0))).compile()
     seconds = time.perf_counter() - start
@@ -424,7 +425,7 @@ def profile_step(M: int, repeats: int = 7, peak: float | None = None, max_rows: 
     chunk = compiled.train_config.steps_per_call
     trainer, _, f_step, _ = compile_trainer(compiled)
 
-    draw = jax.jit(lambda key: sample_joint(compiled.spec, compiled._bound, key, BATCH))
+    draw = jax.jit(lambda key: sample_joint(compiled.spec, compiled.bound_model, key, BATCH))
     tokens, observations = draw(jax.random.key(1))
 
     def loss(trainable, stats, tokens, observations):

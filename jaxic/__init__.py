@@ -6,13 +6,14 @@ Example:
     >>> print(post.summary())
 """
 
-from jaxic import control_flow, diagnostics, parallel
+from jaxic import control_flow, diagnostics, parallel, proposal
 from jaxic.api import CompiledModel, TrainConfig, compile, load
 from jaxic.control_flow import bounded_while, rejection_sample
 from jaxic.errors import (CheckpointError, JaxicError, ModelError, ObservationError, UnsupportedDistributionError,
                           UntraceableModelError)
 from jaxic.export import to_arviz
-from jaxic.inference import Posterior, importance_sample
+from jaxic.inference import Posterior
+from jaxic.proposal import Proposal, importance_sample
 from jaxic.networks import TransformerConfig
 from jaxic.tracing import TraceDataset, TraceSpec, TraceWriter, derive_trace_spec, sample_joint, write_traces
 
@@ -22,4 +23,4 @@ __all__ = ["control_flow", "bounded_while", "rejection_sample", "TraceDataset", 
            "CompiledModel", "TrainConfig", "compile", "load", "CheckpointError", "JaxicError", "ModelError",
            "ObservationError", "UnsupportedDistributionError", "UntraceableModelError", "Posterior",
            "importance_sample", "TransformerConfig", "TraceSpec", "derive_trace_spec", "sample_joint",
-           "diagnostics", "to_arviz", "parallel"]
+           "diagnostics", "to_arviz", "parallel", "proposal", "Proposal"]

@@ -40,7 +40,7 @@ def _variable_name(site: str) -> str:
 def _bound_model(model) -> Callable | None:
     if model is None:
         return None
-    bound = getattr(model, "_bound", None)  # a CompiledModel carries its model with arguments bound
+    bound = getattr(model, "bound_model", None)  # a CompiledModel carries its model with arguments bound
     if bound is not None:
         return bound
     if callable(model):

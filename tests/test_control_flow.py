@@ -87,7 +87,7 @@ def test_universal_path_python_if_matches_masked_and_exact(poisson_masked):
         np.testing.assert_allclose(post.probability_executed("a"), exact["p_branch"], atol=0.03)
         np.testing.assert_allclose(post.mean("a"), exact["a_mean"], atol=0.1)
     # One compile for all trace lengths: the eager traces are packed to one padded shape.
-    assert compiled._batch_step._cache_size() == 1
+    assert compiled.loop.compilations() == 1
 
 
 def test_rejection_loop_matches_exact():
@@ -121,7 +121,7 @@ def test_variable_length_traces_train_in_one_compile():
     assert int(lengths.min()) < int(lengths.max())
     compiled.train(50, progress=False)
     compiled.train(50, progress=False)
-    chex.assert_trees_all_equal(compiled._multi_step._cache_size(), 1)
+    assert compiled.loop.compilations() == 1
 
 
 def test_prior_only_sites_skip_the_network():

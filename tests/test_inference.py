@@ -121,7 +121,7 @@ def test_functional_core_traces_once_and_skips_nonfinite_steps():
         return jnp.where(jax.random.uniform(jax.random.fold_in(key, 1)) < 0.4, jnp.nan, loss), metrics
 
     optimizer = training.guard(training.default_optimizer(50))
-    step = jax.jit(chex.assert_max_traces(training.build_step(graphdef, flaky, optimizer, 32, compiled._bound), n=1))
+    step = jax.jit(chex.assert_max_traces(training.build_step(graphdef, flaky, optimizer, 32, compiled.proposal.model), n=1))
     state = training.init(params, stats, optimizer, jax.random.key(1))
     skipped = 0
     for _ in range(20):

@@ -9,7 +9,6 @@ import pytest
 from numpyro import handlers
 
 import jaxic
-from jaxic.inference import importance_sample
 from jaxic.models import pedagogical
 from jaxic.tracing import trace_to_tokens
 
@@ -96,9 +95,9 @@ def test_incremental_decoding_matches_the_full_sequence(which, request):
     compiled = request.getfixturevalue(which)
     net = compiled.network
     _, obs = one_trace(compiled, 3)
-    result = importance_sample(net, compiled.spec, compiled._bound, jax.random.key(5), obs, 6)
+    result = jaxic.importance_sample(compiled.proposal, None, jax.random.key(5), obs, 6)
     for i in range(6):
         latents = {k: v[i] for k, v in result.samples.items()}
-        trace = handlers.trace(handlers.substitute(handlers.seed(compiled._bound, 0), data={**latents, **obs}))
+        trace = handlers.trace(handlers.substitute(handlers.seed(compiled.bound_model, 0), data={**latents, **obs}))
         tokens, _ = trace_to_tokens(compiled.spec, trace.get_trace())
         np.testing.assert_allclose(net.log_prob(obs, tokens).sum(), result.log_proposal[i], rtol=1e-5, atol=1e-4)

@@ -13,7 +13,7 @@ import pytest
 
 import jaxic
 from jaxic import parallel
-from jaxic.api import _objective_metadata
+from jaxic.api import objective_metadata
 from jaxic.models import pedagogical
 from jaxic.objectives import ELBO, ForwardKL
 
@@ -44,8 +44,8 @@ FOUR_DEVICES = textwrap.dedent('''
     p1 = one.posterior(jax.random.key(1), obs, num_samples=64)
     close(p4.log_weights, p1.log_weights, atol=1e-3)  # large log p and log q cancel: float32 rounding
     jax.tree.map(lambda a, b: close(a, b, atol=1e-4), p4.samples, p1.samples)
-    hlo = four._sampler(64, True).lower(four.state.params, four.statistics, four.state.model_params,
-                                        jax.random.key(1), obs).compile().as_text()
+    hlo = four.sampler.lower(four.proposal, None, jax.random.key(1), obs, 64,
+                             sharding=four.sharding).compile().as_text()
     assert "num_partitions=4" in hlo.splitlines()[0] and "all-gather" in hlo
 
     # Forward KL: the same global batch of 8 traces, on one device and split over four.
@@ -57,8 +57,8 @@ FOUR_DEVICES = textwrap.dedent('''
         assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 4, leaf.sharding
 
     # The step is partitioned over the 4 devices and the gradients are all-reduced.
-    hlo4 = four._multi_step.lower(four.state, N, None).compile().as_text()
-    hlo1 = one._multi_step.lower(one.state, N, None).compile().as_text()
+    hlo4 = four.loop.multi_step.lower(four.state, N, None).compile().as_text()
+    hlo1 = one.loop.multi_step.lower(one.state, N, None).compile().as_text()
     assert "num_partitions=4" in hlo4.splitlines()[0] and "all-reduce" in hlo4
     assert "all-reduce" not in hlo1
 
@@ -184,6 +184,6 @@ def test_mesh_helpers_on_one_device():
 
 def test_objective_metadata_leaves_out_the_sharding():
     sharding = parallel.batch_sharding(parallel.data_mesh(jax.devices()[:1]))
-    assert _objective_metadata(ForwardKL(batch_sharding=sharding)) == {"name": "forward_kl", "options": {}}
-    meta = _objective_metadata(ELBO(num_particles=3, batch_sharding=sharding))
+    assert objective_metadata(ForwardKL(batch_sharding=sharding)) == {"name": "forward_kl", "options": {}}
+    meta = objective_metadata(ELBO(num_particles=3, batch_sharding=sharding))
     assert json.loads(json.dumps(meta)) == {"name": "elbo", "options": {"num_particles": 3}}

@@ -22,7 +22,7 @@ def compiled():
 
 def step_for(compiled, microbatch_size):
     return jax.jit(training.build_step(compiled.graphdef, compiled.objective, compiled.optimizer, 8,
-                                       compiled._bound, compiled.param_constraints, microbatch_size))
+                                       compiled.proposal.model, compiled.param_constraints, microbatch_size))
 
 
 def test_a_microbatched_step_averages_the_loss_and_gradient_of_its_slices(compiled):
@@ -35,7 +35,7 @@ def test_a_microbatched_step_averages_the_loss_and_gradient_of_its_slices(compil
     def loss_of(trainable, key):
         params, model_params = trainable
         network = nnx.merge(compiled.graphdef, params, state.statistics)
-        model = ParameterisedModel(compiled._bound, model_params, compiled.param_constraints)
+        model = ParameterisedModel(compiled.proposal.model, model_params, compiled.param_constraints)
         return compiled.objective(network, model, key, 2, None)[0]
 
     _, step_key = jax.random.split(state.key)

@@ -52,7 +52,7 @@ def simulate(compiled, key: jax.Array, num_datasets: int) -> tuple[dict, dict, d
         return _simulate_eager(compiled, key, num_datasets)
     if compiled not in _simulators:
         # Not the compiled model itself: the cache is keyed weakly by it.
-        spec, bound, constraints = compiled.spec, compiled._bound, compiled.param_constraints
+        spec, bound, constraints = compiled.spec, compiled.proposal.model, compiled.param_constraints
         # With local amortization a dataset is one element of the plate: drop its (length-one) axis.
         squeeze = (lambda x: x[0]) if compiled.plate is not None else (lambda x: x)
 
@@ -87,7 +87,7 @@ def _simulate_eager(compiled, key, num_datasets):
     log_p = []
     observed = {o.name for o in spec.observed}
     for k in jax.random.split(key, 4 * num_datasets):
-        trace = run_model(compiled._bound, k)
+        trace = run_model(compiled.bound_model, k)
         latent = [n for n, m in trace.items() if m["type"] == "sample" and n not in observed and not m["is_observed"]]
         if any(n not in shapes for n in latent) or sum(spec.latent(n).num_tokens for n in latent) > spec.num_tokens:
             continue

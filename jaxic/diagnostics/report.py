@@ -8,7 +8,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -17,9 +16,7 @@ import numpy as np
 
 from jaxic.diagnostics.calibration import CoverageResult, SBCResult, coverage, sbc
 from jaxic.diagnostics.weights import KHAT_OK, ess, khat_verdict, pareto_khat
-from jaxic.tracing import ParameterisedModel, sample_joint, sample_universal
-
-_joint_samplers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+from jaxic.proposal import joint_draws, log_prob_tokens
 
 
 def held_out_loss(compiled, key: jax.Array | None = None, num_traces: int = 1024) -> float:
@@ -34,17 +31,12 @@ def held_out_loss(compiled, key: jax.Array | None = None, num_traces: int = 1024
     """
     if key is None:
         return compiled.validation_loss()
-    if compiled.spec.dynamic:
-        tokens, observations = sample_universal(compiled.spec, compiled._bound, key, int(num_traces))
-        tokens, observations = jax.tree.map(jnp.asarray, (tokens, observations))
-    else:
-        if compiled not in _joint_samplers:
-            # Not the compiled model itself: the cache is keyed weakly by it.
-            spec, bound, constraints = compiled.spec, compiled._bound, compiled.param_constraints
-            _joint_samplers[compiled] = jax.jit(
-                lambda m, k, n: sample_joint(spec, ParameterisedModel(bound, m, constraints), k, n), static_argnums=2)
-        tokens, observations = _joint_samplers[compiled](compiled.state.model_params, key, int(num_traces))
-    return float(compiled._validate(compiled.state.params, compiled.statistics, tokens, observations))
+    proposal = compiled.proposal
+    tokens, observations = joint_draws(proposal, key, int(num_traces))
+    return float(_mean_negative_log_q(proposal, tokens, observations))
+
+
+_mean_negative_log_q = jax.jit(lambda proposal, tokens, obs: -jnp.mean(log_prob_tokens(proposal, tokens, obs)))
 
 
 @dataclasses.dataclass(frozen=True)

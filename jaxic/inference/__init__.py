@@ -1,8 +1,8 @@
 """Importance sampling with the proposal alongside the model."""
 
-from jaxic.inference.importance import (EagerDecoder, ImportanceSamples, Particles, importance_sample,
+from jaxic.inference.importance import (EagerDecoder, Particles,
                                         importance_sample_eager, log_joint, propose, sample_particles)
 from jaxic.inference.posterior import Posterior
 
-__all__ = ["EagerDecoder", "ImportanceSamples", "importance_sample", "importance_sample_eager", "log_joint",
+__all__ = ["EagerDecoder", "importance_sample_eager", "log_joint",
            "propose", "Posterior", "Particles", "sample_particles"]

@@ -2,7 +2,7 @@
 
 Compiled models (the masked path) decode all token positions in one loop, running the
 model with the values decoded so far substituted to learn which sites executed
-(:func:`importance_sample`). Eagerly run models (the
+(:func:`sample_particles`; the public entry point is :func:`jaxic.proposal.importance_sample`). Eagerly run models (the
 universal path) use the :class:`propose` handler, which decodes each site as the
 model reaches it. Either way ``log w = log p(x, y) - log q(x | y)``.
 """
@@ -20,20 +20,11 @@ from numpyro import handlers
 from numpyro.primitives import Messenger
 
 from jaxic.errors import ModelError
+from jaxic.inference.posterior import Posterior
 from jaxic.parallel import shard_batch
 from jaxic.tracing import TraceSpec
 from jaxic.tracing.spec import as_tokens, from_tokens, site_mask
 from jaxic.tracing.traces import Tokens, trace_to_tokens
-
-
-class ImportanceSamples(NamedTuple):
-    """Particles of one importance-sampling run (leading axes: observations, particles)."""
-
-    samples: dict[str, jax.Array]
-    log_weights: jax.Array
-    log_joint: jax.Array
-    log_proposal: jax.Array
-    executed: dict[str, jax.Array]
 
 
 def log_joint(trace: dict) -> jax.Array:
@@ -47,27 +38,6 @@ def log_joint(trace: dict) -> jax.Array:
             log_prob = site["scale"] * log_prob
         total = total + jnp.sum(log_prob)
     return total
-
-
-def importance_sample(network, spec: TraceSpec, model: Callable, key: jax.Array,
-                      observations: Mapping[str, jax.Array], num_particles: int, sharding=None) -> ImportanceSamples:
-    """Importance sampling for one set of observations; vmapped over particles.
-
-    The proposal decodes the token positions in one compiled loop. Before each token,
-    the model is run with the values decoded so far substituted, which says whether the
-    token's site executed and, for a prior-drawn site, what its value is (XLA keeps only
-    the part of the model that computes these, so models without data-dependent control
-    flow pay nothing for it). A last run with every value substituted gives the trace and
-    ``log p``. Compile time does not grow with the number of sites. Jit it (and vmap it
-    over observations) as :meth:`jaxic.CompiledModel.posterior` does. ``sharding`` (e.g.
-    :func:`jaxic.parallel.batch_sharding`) splits the particles over devices.
-
-    Example:
-        >>> result = jax.jit(lambda k, y: importance_sample(net, spec, model, k, y, 1000))(key, {"obs": 25.0})
-    """
-    particles = sample_particles(network, spec, model, key, observations, num_particles, sharding)
-    return ImportanceSamples(particles.samples, particles.log_weights, particles.log_joint,
-                             particles.log_proposal, particles.executed)
 
 
 class Particles(NamedTuple):
@@ -85,13 +55,15 @@ class Particles(NamedTuple):
 
 
 def sample_particles(network, spec: TraceSpec, model: Callable, key: jax.Array,
-                     observations: Mapping[str, jax.Array], num_particles: int, sharding=None) -> Particles:
-    """Proposal draws with their weights, tokens and score terms (see :func:`importance_sample`).
+                     observations: Mapping[str, jax.Array], num_particles: int, sharding=None,
+                     chunk_size: int | None = None) -> Particles:
+    """Proposal draws with their weights, tokens and score terms (the proposal decodes the token positions in one compiled loop; before each token the model runs with the values decoded so far substituted, which says whether the token's site executed and, for a prior-drawn site, its value; compile time does not grow with the number of sites).
 
     Continuous values are reparameterised (gradients flow from ``log_weights`` into the
     network and the model's parameters); discrete ones carry their ``log q`` in
     ``log_proposal_discrete`` for score-function estimators. ``sharding`` (e.g.
-    :func:`jaxic.parallel.batch_sharding`) splits the particles over devices.
+    :func:`jaxic.parallel.batch_sharding`) splits the particles over devices. ``chunk_size``
+    draws them in chunks of that many (``lax.map``), so memory scales with the chunk.
 
     Example:
         >>> particles = sample_particles(network, spec, model, key, {"obs": 1.0}, 16)
@@ -139,8 +111,12 @@ def sample_particles(network, spec: TraceSpec, model: Callable, key: jax.Array,
         return samples, log_p - log_q, log_p, log_q, executed, log_q_discrete, tokens
 
     # Sharded keys make XLA run each device's share of the particles.
-    samples, log_w, log_p, log_q, executed, log_q_discrete, tokens = jax.vmap(particle)(
-        shard_batch(jax.random.split(key, num_particles), sharding))
+    keys = shard_batch(jax.random.split(key, num_particles), sharding)
+    if chunk_size is None or chunk_size >= num_particles:
+        outputs = jax.vmap(particle)(keys)
+    else:
+        outputs = jax.lax.map(particle, keys, batch_size=chunk_size)
+    samples, log_w, log_p, log_q, executed, log_q_discrete, tokens = outputs
     # A particle with a non-finite weight (e.g. outside the support) gets zero weight.
     log_w = jnp.where(jnp.isnan(log_w), -jnp.inf, log_w)
     return Particles(samples, log_w, log_p, log_q, executed, log_q_discrete, tokens)
@@ -271,7 +247,7 @@ class propose(Messenger):
 
 
 def importance_sample_eager(decoder: EagerDecoder, params, statistics, model: Callable, key: jax.Array,
-                            observations: Mapping[str, jax.Array], num_particles: int) -> ImportanceSamples:
+                            observations: Mapping[str, jax.Array], num_particles: int) -> Posterior:
     """Importance sampling on the universal path: the model runs eagerly, once per particle,
     with the compiled proposal decoding each site as the model reaches it.
 
@@ -307,5 +283,5 @@ def importance_sample_eager(decoder: EagerDecoder, params, statistics, model: Ca
 
     log_p, log_q = jnp.asarray(log_ps, jnp.float32), jnp.asarray(log_qs, jnp.float32)
     log_w = jnp.where(jnp.isnan(log_p - log_q), -jnp.inf, log_p - log_q)
-    return ImportanceSamples({s.name: stack(s, samples[s.name]) for s in spec.latents}, log_w, log_p, log_q,
-                             {name: jnp.asarray(np.stack(v)) for name, v in executed.items()})
+    return Posterior({s.name: stack(s, samples[s.name]) for s in spec.latents}, log_w, log_p, log_q,
+                     {name: jnp.asarray(np.stack(v)) for name, v in executed.items()})

@@ -1,0 +1,94 @@
+"""How training steps are driven, behind one small protocol.
+
+``loop.run(state, num_steps, data) -> (state, info)`` applies ``num_steps`` optimisation
+steps and returns their :class:`jaxic.training.TrainInfo` stacked along a leading axis.
+:class:`CompiledSteps` draws its traces inside the jitted step (the masked path: many steps
+per compiled call); :class:`FedSteps` takes batches made outside jit (eager model runs on
+the universal path, or shards of an offline dataset).
+
+Example:
+    >>> loop = CompiledSteps(training.build_step(graphdef, objective, optimizer, 64, model), 25)
+    >>> state, info = loop.run(state, 25, None)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from jaxic import training
+
+
+class TrainingLoop(Protocol):
+    description: str
+
+    def run(self, state: training.TrainState, num_steps: int, data: Any) -> tuple[training.TrainState,
+                                                                                  training.TrainInfo]: ...
+
+
+class CompiledSteps:
+    """Up to ``steps_per_call`` steps of a pure ``step`` in one compiled call (a final partial
+    chunk reuses the same compilation). ``out_shardings`` places the results (e.g. replicated
+    over a device mesh).
+
+    Example:
+        >>> loop = CompiledSteps(step, steps_per_call=25)
+        >>> state, info = loop.run(state, 10, data)     # info.loss has 10 entries
+    """
+
+    description = ""
+
+    def __init__(self, step: Callable, steps_per_call: int, out_shardings: Any = None):
+        placement = {} if out_shardings is None else {"out_shardings": out_shardings}
+        self.steps_per_call = steps_per_call
+        self.multi_step = jax.jit(training.build_multi_step(step, steps_per_call), **placement)
+
+    def compilations(self) -> int:
+        """How many times the multi-step has been compiled (one per configuration)."""
+        return self.multi_step._cache_size()
+
+    def run(self, state, num_steps, data):
+        state, info = self.multi_step(state, num_steps, data)
+        return state, jax.tree.map(lambda x: x[:num_steps], info)
+
+
+class FedSteps:
+    """Steps on batches made outside jit: ``next_batch(state)`` returns the step's arguments
+    after the state (e.g. ``(tokens, observations)``), derived from the state's key so that a
+    resumed run sees the same batches.
+
+    Example:
+        >>> loop = FedSteps(training.build_batch_step(graphdef, forward_kl_loss, optimizer),
+        ...                 lambda state: sample_universal(spec, model, jax.random.fold_in(state.key, 1), 64))
+    """
+
+    def __init__(self, batch_step: Callable, next_batch: Callable, description: str = ""):
+        self.step = jax.jit(batch_step)
+        self.next_batch = next_batch
+        self.description = description
+
+    def compilations(self) -> int:
+        """How many times the batch step has been compiled (one for every trace length, by padding)."""
+        return self.step._cache_size()
+
+    def run(self, state, num_steps, data):
+        infos = []
+        for _ in range(num_steps):  # each batch comes from Python (an eager model, files on disk)
+            state, info = self.step(state, *self.next_batch(state))
+            infos.append(info)
+        return state, jax.tree.map(lambda *xs: jnp.stack(xs), *infos)
+
+
+def dataset_batches(dataset, batch_size: int) -> Callable:
+    """``next_batch`` for :class:`FedSteps` over an offline trace dataset: one shuffled pass
+    after another, seeded from the training key at the first call."""
+    batches: list[Iterator] = []
+
+    def next_batch(state):
+        if not batches:
+            batches.append(dataset.batches(jax.random.fold_in(state.key, 1), batch_size))
+        return next(batches[0])
+
+    return next_batch
