@@ -110,11 +110,12 @@ class CompiledModel:
         """Mean ``-log q(x | y)`` on the fixed held-out joint samples."""
         return float(_validation_loss(self.proposal, *self.validation))
 
-    def train(self, num_steps: int | None = None, *, seconds: float | None = None,
-              progress: bool = True) -> "CompiledModel":
+    def train(self, num_steps: int | None = None, *, seconds: float | None = None, progress: bool = True,
+              validate: bool = True) -> "CompiledModel":
         """Run ``num_steps`` more optimisation steps, or as many as fit in ``seconds`` of wall-clock
         time (compilation included), or whichever ends first. Interrupting it (Ctrl-C) keeps the
-        state, step and history of the last finished chunk in agreement.
+        state, step and history of the last finished chunk in agreement. ``validate=False`` skips
+        the held-out loss (every ``train_config.validation_every`` steps and at the end).
 
         Example:
             >>> compiled.train(1000)
@@ -141,7 +142,7 @@ class CompiledModel:
                 self.history["loss"].extend(loss.tolist())
                 self.history["skipped"].extend((np.flatnonzero(skipped) + self.step - active).tolist())
             done, since_validation = done + active, since_validation + active
-            if since_validation >= cfg.validation_every or done == num_steps:
+            if validate and (since_validation >= cfg.validation_every or done == num_steps):
                 since_validation = 0
                 value = self.validation_loss()
                 with _interrupts_deferred():
