@@ -170,14 +170,17 @@ class CompiledModel:
             >>> post = compiled.posterior(jax.random.key(1), {"obs": jnp.array([4.0, 25.0])}, 1000)
             >>> post[1].ess
         """
-        observations, batch_shape = core.observation_batch(self.template, observations)
+        core.observation_batch(self.template, observations)  # names and shapes, before anything compiles
+        observations = {k: jnp.asarray(v, jnp.float32) for k, v in observations.items()}
         num_samples = int(num_samples)
         if self.spec.dynamic:  # the model is Python: nothing to jit around it
             return core.importance_sample(self.proposal, None, key, observations, num_samples)
         if self.mesh is not None:
             parallel.check_divisible(num_samples, self.mesh, "num_samples")
             key, observations = parallel.replicate((key, observations), self.mesh)
-        return self.sampler(self.proposal, None, key, observations, num_samples, sharding=self.sharding)
+        chunk = core.plan_particle_chunks(self.template, observations, num_samples)
+        return self.sampler(self.proposal, None, key, observations, num_samples, sharding=self.sharding,
+                            chunk_size=chunk)
 
     def sample(self, key: jax.Array, observations: Mapping[str, Any], num_samples: int = 1000) -> dict[str, jax.Array]:
         """Raw proposal draws ``x ~ q(x | y)`` (no weights), batched like :meth:`posterior`.

@@ -477,3 +477,67 @@ def joint_draws(proposal: Proposal, key: jax.Array, num_traces: int):
 def _joint_sampler(spec: TraceSpec, num_traces: int) -> Callable:
     return jax.jit(lambda proposal, key: sample_joint(spec, proposal.bound_model, key, num_traces))
 
+
+
+# --- memory -----------------------------------------------------------------------------------
+_PROBE_PARTICLES = 1024
+# Below this many particles (per observation set) one vmapped call is assumed to fit.
+PLANNING_THRESHOLD = 1 << 17
+
+
+def available_memory_bytes(device: jax.Device | None = None) -> int:
+    """Memory free for new arrays on ``device`` (default: the first device): the allocator's
+    limit minus what is in use on accelerators, free physical memory on CPUs.
+
+    Example:
+        >>> available_memory_bytes() / 2**30   # GiB
+    """
+    device = jax.devices()[0] if device is None else device
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    import os
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def plan_particle_chunks(proposal: Proposal, observations: Mapping[str, Any], num_samples: int,
+                         memory_bytes: int | None = None) -> int | None:
+    """How many particles :func:`importance_sample` can draw at once within half of
+    ``memory_bytes`` (default: :func:`available_memory_bytes`), from XLA's memory analysis of
+    the sampler at a probe size; ``None`` when all of them fit. Raises :class:`JaxicError`
+    when the results alone would not fit, saying how much memory they need.
+
+    Example:
+        >>> chunk = plan_particle_chunks(proposal, {"obs": 25.0}, 10_000_000)
+        >>> post = importance_sample(proposal, None, key, {"obs": 25.0}, 10_000_000, chunk_size=chunk)
+    """
+    obs, batch_shape = observation_batch(proposal, observations)
+    num_sets = int(np.prod(batch_shape)) if batch_shape else 1
+    budget = (available_memory_bytes() if memory_bytes is None else memory_bytes) // 2
+    spec = proposal.spec
+    per_particle = 16 + sum(4 * int(np.prod(s.batch_shape + s.event_shape)) + int(np.prod(s.batch_shape))
+                            for s in spec.latents)
+    results = per_particle * num_samples * num_sets
+    if results > budget:
+        raise JaxicError(f"num_samples={num_samples:,} particles{f' for {num_sets} observation sets' if num_sets > 1 else ''} "
+                         f"need about {results / 2**30:.1f} GiB for the results alone, but about "
+                         f"{budget / 2**30:.1f} GiB (half of the free memory) is available. Draw fewer particles, "
+                         "or draw them in several calls with different keys and combine the posteriors.")
+    if num_samples <= PLANNING_THRESHOLD or spec.dynamic:
+        return None
+    probe = _probe_sampler(proposal.spec, _PROBE_PARTICLES).lower(proposal, jax.random.key(0), obs).compile()
+    analysis = probe.memory_analysis()
+    temp = getattr(analysis, "temp_size_in_bytes", 0) if analysis is not None else 0
+    per_particle_temp = max(temp / _PROBE_PARTICLES, 1.0) * num_sets
+    room = budget - results
+    if per_particle_temp * num_samples <= room:
+        return None
+    return max(1, min(num_samples, int(room // per_particle_temp)))
+
+
+@functools.lru_cache(maxsize=8)
+def _probe_sampler(spec: TraceSpec, num_particles: int) -> Callable:
+    return jax.jit(lambda proposal, key, obs: importance_sample(proposal, None, key, obs, num_particles))
