@@ -142,21 +142,27 @@ class CompiledModel:
                 self.history["loss"].extend(loss.tolist())
                 self.history["skipped"].extend((np.flatnonzero(skipped) + self.step - active).tolist())
             done, since_validation = done + active, since_validation + active
-            if validate and (since_validation >= cfg.validation_every or done == num_steps):
+            last = num_steps is not None and done == num_steps
+            if validate and (since_validation >= cfg.validation_every or last):
                 since_validation = 0
-                value = self.validation_loss()
-                with _interrupts_deferred():
-                    self.history["validation_step"].append(self.step)
-                    self.history["validation_loss"].append(value)
-                postfix["val"] = f"{value:.3f}"
+                postfix["val"] = f"{self._record_validation():.3f}"
             finite = loss[np.isfinite(loss)]
             postfix["loss"] = f"{finite.mean():.3f}" if finite.size else "nan"
             if self.history["skipped"]:
                 postfix["skipped"] = len(self.history["skipped"])
             bar.set_postfix(postfix, refresh=False)
             bar.update(active)
+        if validate and done and self.history["validation_step"][-1:] != [self.step]:  # a time budget ended it
+            bar.set_postfix({**postfix, "val": f"{self._record_validation():.3f}"})
         bar.close()
         return self
+
+    def _record_validation(self) -> float:
+        value = self.validation_loss()
+        with _interrupts_deferred():
+            self.history["validation_step"].append(self.step)
+            self.history["validation_loss"].append(value)
+        return value
 
     # ------------------------------------------------------------------------------------------
     def posterior(self, key: jax.Array, observations: Mapping[str, Any], num_samples: int = 1000) -> Posterior:

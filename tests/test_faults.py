@@ -1,0 +1,78 @@
+"""Fault catalogue: interrupted training, time budgets, huge posteriors.
+
+The other parts of the catalogue: bad inputs (test_faults_inputs.py), checkpoints
+(test_faults_checkpoint.py), non-finite draws (test_faults_nonfinite.py), hanging models
+(test_faults_hangs.py), diagnostics on NaN (test_faults_diagnostics.py).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import chex
+import jax
+import pytest
+
+import jaxic
+from jaxic.models import pedagogical
+from jaxic.networks import TransformerConfig
+
+TINY = TransformerConfig(d_model=16, num_heads=2, num_layers=1, obs_hidden=16)
+SETTINGS = dict(observed=["obs"], num_steps=0, batch_size=8, validation_size=16, model_kwargs={"M": 2}, network=TINY,
+                progress=False)
+
+CHILD = textwrap.dedent("""
+    import sys, jax, jaxic
+    from jaxic.models import pedagogical
+    from jaxic.networks import TransformerConfig
+    compiled = jaxic.compile(pedagogical, key=jax.random.key(0), observed=["obs"], num_steps=0, batch_size=8,
+                             validation_size=16, model_kwargs={"M": 2},
+                             network=TransformerConfig(d_model=16, num_heads=2, num_layers=1, obs_hidden=16),
+                             progress=False)
+    compiled.train(25, progress=False)
+    print("training", flush=True)
+    try:
+        compiled.train(10**7, progress=False)
+    except KeyboardInterrupt:
+        pass
+    history = compiled.history
+    assert len(history["loss"]) == compiled.step, (len(history["loss"]), compiled.step)
+    assert history["validation_step"][-1] <= compiled.step
+    compiled.save(sys.argv[1])
+    print("saved", compiled.step, flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_training_then_save_and_load_resumes_bit_for_bit(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "ckpt")], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert child.stdout.readline().strip() == "training", child.stderr.read()
+    time.sleep(3.0)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err
+    stopped = int(out.split()[-1])
+    assert stopped >= 25 and stopped % 25 == 0  # whole chunks only
+
+    resumed = jaxic.load(tmp_path / "ckpt", pedagogical, model_kwargs={"M": 2})
+    assert resumed.step == stopped and len(resumed.history["loss"]) == stopped
+    resumed.train(50, progress=False)
+    straight = jaxic.compile(pedagogical, key=jax.random.key(0), **SETTINGS).train(stopped + 50, progress=False)
+    chex.assert_trees_all_equal(resumed.state.params, straight.state.params)
+    assert resumed.history["loss"] == straight.history["loss"]
+
+
+def test_train_needs_a_budget_and_honours_seconds():
+    compiled = jaxic.compile(pedagogical, key=jax.random.key(0), **SETTINGS)
+    with pytest.raises(jaxic.JaxicError, match="num_steps, seconds"):
+        compiled.train()
+    compiled.train(25)  # compiled once outside the budget below
+    start = time.monotonic()
+    compiled.train(seconds=1.0)
+    assert time.monotonic() - start < 1.0 + 5.0  # the budget ends the loop (one chunk may overrun it)
+    assert compiled.step > 25 and len(compiled.history["loss"]) == compiled.step
+    assert compiled.history["validation_step"][-1] == compiled.step
