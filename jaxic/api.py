@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxic import checkpoint, loops, parallel, proposal as core, training
+from jaxic import checkpoint, loops, parallel, proposal as core, training, validation
 from jaxic.errors import CheckpointError, JaxicError, ModelError, ObservationError
 from jaxic.inference import Posterior
 from jaxic.networks import NETWORKS
@@ -73,6 +73,7 @@ class CompiledModel:
         if mesh is not None:
             self.state, self.validation, self.data = parallel.replicate((self.state, validation, data), mesh)
         self.history: dict[str, list] = {"loss": [], "validation_step": [], "validation_loss": [], "skipped": []}
+        self.checkpoint_dir, self.checkpoint_every, self.max_to_keep = None, None, 3
         self.sharding = None if mesh is None else parallel.batch_sharding(mesh)
         # Replicated results stay readable on every host of a multi-host mesh.
         self.sampler = jax.jit(core.importance_sample, static_argnums=(1, 4), static_argnames=("sharding", "chunk_size"),
@@ -123,16 +124,24 @@ class CompiledModel:
         """
         if num_steps is None and seconds is None:
             raise JaxicError("train() needs num_steps, seconds, or both; e.g. compiled.train(1000).")
-        cfg, start, done, since_validation, postfix = self.train_config, time.monotonic(), 0, 0, {}
+        cfg = self.train_config
         if not cfg.custom_optimizer and num_steps is not None and 0 < cfg.num_steps < self.step + num_steps:
             warnings.warn(f"training to step {self.step + num_steps}, past the {cfg.num_steps} steps the learning-rate "
                           "schedule was built for: the rate stays at 5% of its peak from there on. Compile with "
                           "the total num_steps (or num_steps=0 for a constant rate) to avoid this.", stacklevel=2)
-        bar = tqdm(total=num_steps, disable=not progress, desc="compiling proposal" + (
-            f" ({self.path} path)" if self.path != "masked" else ""), unit="step")
         if self.objective.needs_data and self.data is None:
             raise JaxicError(f"the {type(self.objective).__name__} objective trains on real observations: pass "
                              "data={site: array with one row per data point} to jaxic.compile / jaxic.load.")
+        bar = tqdm(total=num_steps, disable=not progress, desc="compiling proposal" + (
+            f" ({self.path} path)" if self.path != "masked" else ""), unit="step")
+        with bar, contextlib.ExitStack() as stack:
+            saver = None if self.checkpoint_dir is None else stack.enter_context(
+                checkpoint.PeriodicCheckpointer(self.checkpoint_dir, self.max_to_keep))
+            self._train_chunks(num_steps, seconds, validate, bar, saver)
+        return self
+
+    def _train_chunks(self, num_steps, seconds, validate, bar, saver) -> None:
+        cfg, start, done, since_validation, postfix = self.train_config, time.monotonic(), 0, 0, {}
         while (num_steps is None or done < num_steps) and (seconds is None or time.monotonic() - start < seconds):
             active = cfg.steps_per_call if num_steps is None else min(cfg.steps_per_call, num_steps - done)
             state, info = self.loop.run(self.state, active, self.data)
@@ -152,10 +161,12 @@ class CompiledModel:
                 postfix["skipped"] = len(self.history["skipped"])
             bar.set_postfix(postfix, refresh=False)
             bar.update(active)
+            if saver is not None and self.step // self.checkpoint_every > (self.step - active) // self.checkpoint_every:
+                saver.save(self.step, _state_arrays(self.state), self.checkpoint_metadata())
         if validate and done and self.history["validation_step"][-1:] != [self.step]:  # a time budget ended it
             bar.set_postfix({**postfix, "val": f"{self._record_validation():.3f}"})
-        bar.close()
-        return self
+        if saver is not None and done and saver.latest_step() != self.step:
+            saver.save(self.step, _state_arrays(self.state), self.checkpoint_metadata())
 
     def _record_validation(self) -> float:
         value = self.validation_loss()
@@ -204,6 +215,20 @@ class CompiledModel:
             >>> compiled.log_prob({"x": jnp.zeros(5), "y": jnp.ones(5)}, {"obs": 25.0}).shape   # (5,)
         """
         return core.log_prob(self.proposal, latents, observations)[0]
+
+    def checkpoint_to(self, directory: str | os.PathLike, every: int, max_to_keep: int = 3) -> "CompiledModel":
+        """Save a checkpoint every ``every`` steps while training (and at the end of each
+        :meth:`train`), keeping the newest ``max_to_keep``, through orbax's ``CheckpointManager``.
+        ``jaxic.load(directory, model)`` resumes from the newest complete step. A folder holding
+        anything but such checkpoints is refused before training starts.
+
+        Example:
+            >>> compiled.checkpoint_to("runs/ring", every=500).train(5000)
+        """
+        every = validation.positive_int("checkpoint_every", every)
+        checkpoint.PeriodicCheckpointer(directory, max_to_keep).close()  # refuses a foreign folder now
+        self.checkpoint_dir, self.checkpoint_every, self.max_to_keep = directory, every, max_to_keep
+        return self
 
     def save(self, path: str | os.PathLike) -> None:
         """Write network, optimizer state, step, PRNG key, trace spec and configuration (atomically).
@@ -344,7 +369,8 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
             path: str = "auto", dataset: TraceDataset | str | os.PathLike | None = None,
             pilot_traces: int = 256, max_tokens: int | None = None, objective: Any = None,
             data: Mapping[str, Any] | None = None, local_plate: str | None = None,
-            progress: bool = True, devices: Any = None) -> CompiledModel:
+            progress: bool = True, devices: Any = None, checkpoint_dir: str | os.PathLike | None = None,
+            checkpoint_every: int | None = None, max_to_keep: int = 3) -> CompiledModel:
     """Compile an amortized proposal (an inference network) for a NumPyro model.
 
     By default it trains by inference compilation (forward KL on fresh joint samples, no
@@ -389,6 +415,10 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
             number of devices, or a list of devices splits each batch (traces, data points) and
             the posterior's particles over a 1-D mesh, with parameters replicated. ``batch_size``
             must divide evenly over the devices; the loss is that of one device on the same batch.
+        checkpoint_dir, checkpoint_every, max_to_keep: save a checkpoint into ``checkpoint_dir`` every
+            ``checkpoint_every`` steps (default: at each validation) and at the end, keeping the newest
+            ``max_to_keep`` (orbax's ``CheckpointManager``); ``jaxic.load(checkpoint_dir, model)`` resumes from
+            the newest complete one. See :meth:`CompiledModel.checkpoint_to`.
 
     Example:
         >>> compiled = jaxic.compile(model, observed=["obs"], key=jax.random.key(0), num_steps=3000,
@@ -413,6 +443,11 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
     compiled = _assemble(model, model_args, model_kwargs, observed, key, network, train_config, optimizer,
                          observation_embedders, path, dataset, pilot_traces=pilot_traces, max_tokens=max_tokens,
                          objective=objective, data=data, local_plate=local_plate, devices=devices)
+    if checkpoint_dir is not None:
+        compiled.checkpoint_to(checkpoint_dir, checkpoint_every if checkpoint_every is not None else
+                               max(train_config.validation_every, 1), max_to_keep)
+    elif checkpoint_every is not None:
+        raise JaxicError("checkpoint_every needs checkpoint_dir: the folder to save into.")
     return compiled.train(num_steps, progress=progress)
 
 
@@ -431,6 +466,7 @@ def load(path: str | os.PathLike, model: Callable, *, model_args: Sequence = (),
     Example:
         >>> compiled = jaxic.load("proposal_ckpt/", model, model_kwargs={"M": 20})
     """
+    path = checkpoint.resolve_checkpoint(path)  # one verified step, also while a run is still saving
     metadata = checkpoint.read_metadata(path)
     saved_spec = TraceSpec.from_json(metadata["trace_spec"])
     observed = [o.name for o in saved_spec.observed]
