@@ -20,6 +20,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxic import checkpoint, parallel, training
+from jaxic import validation as checks
 from jaxic.errors import CheckpointError, JaxicError, ModelError, ObservationError, UntraceableModelError
 from jaxic.heads import head_for_site
 from jaxic.inference import Posterior, importance_sample
@@ -87,6 +88,8 @@ class CompiledModel:
         self.history: dict[str, list] = {"loss": [], "validation_step": [], "validation_loss": [], "skipped": []}
         self.dataset = dataset
         self._batches = None
+        # Read once: posterior checks every observation against them on the host.
+        self._observed_supports = checks.observed_supports(self._bound, [o.name for o in spec.observed])
         self._setup_devices(devices)
         if self.path == "masked":
             # Data objectives pick their own plate elements; the others train on one element.
@@ -168,6 +171,7 @@ class CompiledModel:
 
     def train(self, num_steps: int, progress: bool = True) -> "CompiledModel":
         """Run ``num_steps`` more optimisation steps (one compiled call per ``steps_per_call``)."""
+        num_steps = checks.nonnegative_int("num_steps", num_steps)
         cfg = self.train_config
         horizon = cfg.num_steps
         if not cfg.custom_optimizer and 0 < horizon < self.step + num_steps:
@@ -223,43 +227,6 @@ class CompiledModel:
         return np.asarray(losses), np.asarray(skipped)
 
     # ------------------------------------------------------------------------------------------
-    def _check_observations(self, observations: Mapping[str, Any]) -> tuple[dict[str, jax.Array], tuple]:
-        expected = {o.name: o for o in self.spec.observed}
-        unknown = set(observations) - set(expected)
-        if unknown:
-            raise ObservationError(f"{sorted(unknown)} are not observed sites of this proposal; "
-                                   f"its observed sites are {sorted(expected)}.")
-        missing = set(expected) - set(observations)
-        if missing:
-            raise ObservationError(f"no observation given for {sorted(missing)}; pass a value for every observed "
-                                   f"site: {sorted(expected)}.")
-        out, batch_shapes = {}, {}
-        for name, site in expected.items():
-            value = jnp.asarray(observations[name], jnp.float32)
-            if self.plate is not None:
-                # One data point of the plate, or a batch of them: the plate axis is implicit.
-                if value.shape == site.shape[1:]:
-                    value = value[None]
-                elif value.shape[1:] == site.shape[1:]:
-                    value = value[:, None]
-                else:
-                    raise ObservationError(
-                        f"observation of site '{name}' has shape {value.shape}; expected {site.shape[1:]} for one "
-                        f"data point of plate '{self.plate.name}' or (n, {', '.join(map(str, site.shape[1:]))}) "
-                        "for n of them.")
-            if value.shape == site.shape:
-                batch_shapes[name] = ()
-            elif value.ndim == len(site.shape) + 1 and value.shape[1:] == site.shape:
-                batch_shapes[name] = value.shape[:1]
-            else:
-                raise ObservationError(
-                    f"observation of site '{name}' has shape {value.shape}; expected {site.shape} for one "
-                    f"observation or (n, {', '.join(map(str, site.shape))}) for a batch of n.")
-            out[name] = value
-        if len(set(batch_shapes.values())) > 1:
-            raise ObservationError(f"observed sites disagree on the batch of observations: {batch_shapes}.")
-        return out, next(iter(batch_shapes.values()))
-
     def _sampler(self, num_samples: int, batched: bool) -> Callable:
         if (num_samples, batched) not in self._samplers:
             def run(params, statistics, model_params, key, observations):
@@ -284,13 +251,16 @@ class CompiledModel:
         observations: the result then has ``batch_shape == (n,)``. Compiled with ``devices=``,
         the particles are split over the devices (``num_samples`` must divide their number).
         """
-        observations, batch_shape = self._check_observations(observations)
+        key = checks.prng_key("key", key)
+        num_samples = checks.positive_int("num_samples", num_samples)
+        observations, batch_shape = checks.check_observations(self.spec, observations, self._observed_supports,
+                                                              self.plate)
         if self.spec.dynamic:
-            return self._posterior_eager(key, observations, batch_shape, int(num_samples))
+            return self._posterior_eager(key, observations, batch_shape, num_samples)
         if self.mesh is not None:
-            parallel.check_divisible(int(num_samples), self.mesh, "num_samples")
+            parallel.check_divisible(num_samples, self.mesh, "num_samples")
             key, observations = parallel.replicate((key, observations), self.mesh)
-        result = self._sampler(int(num_samples), bool(batch_shape))(
+        result = self._sampler(num_samples, bool(batch_shape))(
             self.state.params, self.statistics, self.state.model_params, key, observations)
         if self.plate is not None:  # drop the element's plate axis (length one) after the particles
             axis = len(batch_shape) + 1
@@ -528,10 +498,15 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
         ...                          model_kwargs={"M": 20})
         >>> compiled.posterior(jax.random.key(1), {"obs": 25.0}, num_samples=10_000).ess
     """
-    if isinstance(observed, str):
-        observed = [observed]
-    if num_steps < 0:
-        raise JaxicError(f"num_steps must be >= 0, got {num_steps}.")
+    model = checks.model_callable(model)
+    observed = checks.observed_names(observed)
+    key = checks.prng_key("key", key)
+    num_steps = checks.nonnegative_int("num_steps", num_steps)
+    batch_size = checks.positive_int("batch_size", batch_size)
+    validation_size = checks.positive_int("validation_size", validation_size)
+    learning_rate = checks.positive_float("learning_rate", learning_rate)
+    if microbatch_size is not None:
+        microbatch_size = checks.positive_int("microbatch_size", microbatch_size)
     if isinstance(network, str):
         if network not in NETWORKS:
             raise JaxicError(f"unknown network {network!r}; choose one of {sorted(NETWORKS)} or pass a "
@@ -544,9 +519,11 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
                                validation_every=max(TrainConfig.steps_per_call, num_steps // 20))
     if dataset is not None and not isinstance(dataset, TraceDataset):
         dataset = TraceDataset(dataset, holdout=validation_size)
-    compiled = _build(model, model_args, model_kwargs, observed, key, network, train_config, optimizer,
-                      observation_embedders, path, dataset, pilot_traces=pilot_traces, max_tokens=max_tokens,
-                      objective=objective, data=data, local_plate=local_plate, devices=devices)
+    # Unsupported latents (Delta, improper priors) fail by name at the first model run, on every path.
+    with checks.SupportedLatents(observed):
+        compiled = _build(model, model_args, model_kwargs, observed, key, network, train_config, optimizer,
+                          observation_embedders, path, dataset, pilot_traces=pilot_traces, max_tokens=max_tokens,
+                          objective=objective, data=data, local_plate=local_plate, devices=devices)
     return compiled.train(num_steps, progress=progress)
 
 
@@ -565,6 +542,7 @@ def load(path: str | os.PathLike, model: Callable, *, model_args: Sequence = (),
     Example:
         >>> compiled = jaxic.load("proposal_ckpt/", model, model_kwargs={"M": 20})
     """
+    model = checks.model_callable(model)
     metadata = checkpoint.read_metadata(path)
     saved_spec = TraceSpec.from_json(metadata["trace_spec"])
     observed = [o.name for o in saved_spec.observed]
