@@ -23,7 +23,8 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxic import checkpoint, loops, parallel, proposal as core, training, validation
+from jaxic import checkpoint, loops, parallel, proposal as core, training
+from jaxic import validation as checks
 from jaxic.errors import CheckpointError, JaxicError, ModelError, ObservationError
 from jaxic.inference import Posterior
 from jaxic.networks import NETWORKS
@@ -75,6 +76,8 @@ class CompiledModel:
         self.history: dict[str, list] = {"loss": [], "validation_step": [], "validation_loss": [], "skipped": []}
         self.checkpoint_dir, self.checkpoint_every, self.max_to_keep = None, None, 3
         self.sharding = None if mesh is None else parallel.batch_sharding(mesh)
+        # Read once: observations are checked against them on the host, before anything compiles.
+        self.observed_supports = checks.observed_supports(proposal.model, [o.name for o in proposal.spec.observed])
         # Replicated results stay readable on every host of a multi-host mesh.
         self.sampler = jax.jit(core.importance_sample, static_argnums=(1, 4), static_argnames=("sharding", "chunk_size"),
                                **({} if mesh is None else {"out_shardings": parallel.replicated(mesh)}))
@@ -124,6 +127,8 @@ class CompiledModel:
         """
         if num_steps is None and seconds is None:
             raise JaxicError("train() needs num_steps, seconds, or both; e.g. compiled.train(1000).")
+        num_steps = None if num_steps is None else checks.nonnegative_int("num_steps", num_steps)
+        seconds = None if seconds is None else checks.positive_float("seconds", seconds)
         cfg = self.train_config
         if not cfg.custom_optimizer and num_steps is not None and 0 < cfg.num_steps < self.step + num_steps:
             warnings.warn(f"training to step {self.step + num_steps}, past the {cfg.num_steps} steps the learning-rate "
@@ -187,9 +192,9 @@ class CompiledModel:
             >>> post = compiled.posterior(jax.random.key(1), {"obs": jnp.array([4.0, 25.0])}, 1000)
             >>> post[1].ess
         """
-        core.observation_batch(self.template, observations)  # names and shapes, before anything compiles
-        observations = {k: jnp.asarray(v, jnp.float32) for k, v in observations.items()}
-        num_samples = int(num_samples)
+        key = checks.prng_key("key", key)
+        num_samples = checks.positive_int("num_samples", num_samples)
+        observations = self.checked_observations(observations)
         if self.spec.dynamic:  # the model is Python: nothing to jit around it
             return core.importance_sample(self.proposal, None, key, observations, num_samples)
         if self.mesh is not None:
@@ -214,7 +219,13 @@ class CompiledModel:
         Example:
             >>> compiled.log_prob({"x": jnp.zeros(5), "y": jnp.ones(5)}, {"obs": 25.0}).shape   # (5,)
         """
-        return core.log_prob(self.proposal, latents, observations)[0]
+        return core.log_prob(self.proposal, latents, self.checked_observations(observations))[0]
+
+    def checked_observations(self, observations: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """``observations`` as float32 arrays after host-side checks (names, shapes, finite, in the
+        support), before anything compiles; :class:`jaxic.ObservationError` names the culprit."""
+        checks.check_observations(self.spec, observations, self.observed_supports, self.plate)
+        return {k: jnp.asarray(np.asarray(v), jnp.float32) for k, v in observations.items()}
 
     def checkpoint_to(self, directory: str | os.PathLike, every: int, max_to_keep: int = 3) -> "CompiledModel":
         """Save a checkpoint every ``every`` steps while training (and at the end of each
@@ -225,7 +236,7 @@ class CompiledModel:
         Example:
             >>> compiled.checkpoint_to("runs/ring", every=500).train(5000)
         """
-        every = validation.positive_int("checkpoint_every", every)
+        every = checks.positive_int("checkpoint_every", every)
         checkpoint.PeriodicCheckpointer(directory, max_to_keep).close()  # refuses a foreign folder now
         self.checkpoint_dir, self.checkpoint_every, self.max_to_keep = directory, every, max_to_keep
         return self
@@ -425,9 +436,15 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
         ...                          model_kwargs={"M": 20})
         >>> compiled.posterior(jax.random.key(1), {"obs": 25.0}, num_samples=10_000).ess
     """
-    observed = [observed] if isinstance(observed, str) else observed
-    if num_steps < 0:
-        raise JaxicError(f"num_steps must be >= 0, got {num_steps}.")
+    model = checks.model_callable(model)
+    observed = checks.observed_names(observed)
+    key = checks.prng_key("key", key)
+    num_steps = checks.nonnegative_int("num_steps", num_steps)
+    batch_size = checks.positive_int("batch_size", batch_size)
+    validation_size = checks.positive_int("validation_size", validation_size)
+    learning_rate = checks.positive_float("learning_rate", learning_rate)
+    if microbatch_size is not None:
+        microbatch_size = checks.positive_int("microbatch_size", microbatch_size)
     if isinstance(network, str):
         if network not in NETWORKS:
             raise JaxicError(f"unknown network {network!r}; choose one of {sorted(NETWORKS)} or pass a "
@@ -440,9 +457,12 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
                                validation_every=max(TrainConfig.steps_per_call, num_steps // 20))
     if dataset is not None and not isinstance(dataset, TraceDataset):
         dataset = TraceDataset(dataset, holdout=validation_size)
-    compiled = _assemble(model, model_args, model_kwargs, observed, key, network, train_config, optimizer,
-                         observation_embedders, path, dataset, pilot_traces=pilot_traces, max_tokens=max_tokens,
-                         objective=objective, data=data, local_plate=local_plate, devices=devices)
+    # Unsupported latents (Delta, improper priors) fail by name at the first model run, on every path.
+    with checks.SupportedLatents(observed):
+        compiled = _assemble(model, model_args, model_kwargs, observed, key, network, train_config, optimizer,
+                             observation_embedders, path, dataset, pilot_traces=pilot_traces,
+                             max_tokens=max_tokens, objective=objective, data=data, local_plate=local_plate,
+                             devices=devices)
     if checkpoint_dir is not None:
         compiled.checkpoint_to(checkpoint_dir, checkpoint_every if checkpoint_every is not None else
                                max(train_config.validation_every, 1), max_to_keep)
@@ -466,6 +486,7 @@ def load(path: str | os.PathLike, model: Callable, *, model_args: Sequence = (),
     Example:
         >>> compiled = jaxic.load("proposal_ckpt/", model, model_kwargs={"M": 20})
     """
+    model = checks.model_callable(model)
     path = checkpoint.resolve_checkpoint(path)  # one verified step, also while a run is still saving
     metadata = checkpoint.read_metadata(path)
     saved_spec = TraceSpec.from_json(metadata["trace_spec"])

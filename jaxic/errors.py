@@ -30,3 +30,7 @@ class CheckpointError(JaxicError):
 
 class MissingDependencyError(JaxicError, ImportError):
     """An optional dependency (an extra such as ``jaxic[arviz]``) is not installed."""
+
+
+class IndexOutOfRangeError(JaxicError, IndexError):
+    """An index (``post[i]``) outside its axis; an ``IndexError`` too, so iteration stops there."""

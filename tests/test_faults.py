@@ -76,3 +76,22 @@ def test_train_needs_a_budget_and_honours_seconds():
     assert time.monotonic() - start < 1.0 + 5.0  # the budget ends the loop (one chunk may overrun it)
     assert compiled.step > 25 and len(compiled.history["loss"]) == compiled.step
     assert compiled.history["validation_step"][-1] == compiled.step
+
+
+def test_periodic_checkpoints_keep_the_newest_and_load_resumes_from_the_latest(tmp_path):
+    run = tmp_path / "run"
+    compiled = jaxic.compile(pedagogical, key=jax.random.key(0), checkpoint_dir=run, checkpoint_every=25,
+                             max_to_keep=2, **{**SETTINGS, "num_steps": 0}).train(100, progress=False)
+    assert sorted(p.name for p in run.iterdir()) == ["100", "75", "jaxic.json"]
+    again = jaxic.load(run, pedagogical, model_kwargs={"M": 2})
+    assert again.step == 100 and again.history == compiled.history
+    chex.assert_trees_all_equal(again.state.params, compiled.state.params)
+
+
+def test_a_checkpoint_dir_with_user_files_is_refused_before_training(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(jaxic.CheckpointError, match=str(tmp_path)):
+        jaxic.compile(pedagogical, key=jax.random.key(0), checkpoint_dir=tmp_path, **SETTINGS)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1
+    with pytest.raises(jaxic.JaxicError, match="checkpoint_every needs checkpoint_dir"):
+        jaxic.compile(pedagogical, key=jax.random.key(0), checkpoint_every=10, **SETTINGS)

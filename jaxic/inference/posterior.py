@@ -10,6 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
+from jaxic import validation
+from jaxic.errors import IndexOutOfRangeError
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +61,9 @@ class Posterior:
     def __getitem__(self, index) -> "Posterior":
         """The posterior of one observation set (or a slice) of a batched posterior: ``post[1]``."""
         if not self.batch_shape:
-            raise IndexError("this posterior is for a single observation set; there is nothing to index")
+            raise IndexOutOfRangeError(f"this posterior is for a single observation set; there is nothing to index "
+                                       f"(got index {index!r}). Use it directly.")
+        index = validation.index_in_range(index, self.batch_shape[0])  # jax would clamp silently
         return jax.tree.map(lambda a: a[index], self)
 
     def _weights_for(self, name: str) -> tuple[jax.Array, jax.Array]:
@@ -99,6 +104,7 @@ class Posterior:
 
     def quantile(self, name: str, q: float | Sequence[float]) -> jax.Array:
         """Weighted quantiles of a site; ``q`` becomes the leading axis when it is a sequence."""
+        validation.probability("q", q)
         x, w = self._weights_for(name)
         axis = len(self.batch_shape)
         qs = jnp.atleast_1d(jnp.asarray(q, jnp.float32))
