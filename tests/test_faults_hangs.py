@@ -249,6 +249,6 @@ def test_jax_compilation_does_not_count_against_the_limit():
         return x
 
     start = time.monotonic()
-    with time_limit(0.05, "a test run"):
+    with time_limit(0.1, "a test run"):
         value = jax.jit(long_to_compile)(jnp.ones(3))
-    assert time.monotonic() - start > 0.05 and np.isfinite(np.asarray(value)).all()
+    assert time.monotonic() - start > 0.1 and np.isfinite(np.asarray(value)).all()

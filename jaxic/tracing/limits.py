@@ -153,7 +153,8 @@ _COMPILE_EVENTS = frozenset({"/jax/core/compile/jaxpr_trace_duration",
 # Where JAX traces, lowers and compiles (the window before it reports a compilation's duration).
 _COMPILER_FILES = tuple(os.path.join("jax", "_src", *f) for f in (("compiler.py",), ("interpreters", "mlir.py")))
 _COMPILER_FUNCTIONS = frozenset({"_trace_for_jit", "_cached_lowering_to_hlo", "_cached_compilation"})
-_SLACK = 10  # past this many times the limit in wall-clock time, even compiling is not an excuse
+# Past this much wall-clock time (a multiple of the limit, or a minute more), even compiling is no excuse.
+_SLACK, _SLACK_SECONDS = 10, 60.0
 
 
 class _Clock:
@@ -197,7 +198,7 @@ def _on_alarm(signum, frame) -> None:
     if clock is None or not clock.live:
         return
     used = clock.used()
-    if time.monotonic() - clock.start < _SLACK * clock.seconds:
+    if time.monotonic() - clock.start < max(_SLACK * clock.seconds, clock.seconds + _SLACK_SECONDS):
         if used < clock.seconds:
             signal.setitimer(signal.ITIMER_REAL, max(clock.seconds - used, 1e-3))
             return
