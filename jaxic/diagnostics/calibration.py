@@ -166,11 +166,14 @@ class SBCResult:
     """Normalised SBC ranks and uniformity tests, per site and element.
 
     ``ranks[site]`` has shape ``(num_datasets, *site_shape)`` with values in (0, 1) (NaN
-    where the site did not run in that simulated trace); ``ranks[LOG_JOINT]`` holds the
-    ranks of ``log p(x, y)``. Each element is tested for uniformity by a chi-square test
-    on ``num_bins`` bins and a Kolmogorov-Smirnov test; ``p_values`` combines the two
-    (Bonferroni, ``2 min(p_chi2, p_ks)``). ``passed`` holds at family-wise level ``alpha``
-    with a Bonferroni correction over every tested element of every site.
+    where the site did not run in that simulated trace, or where its rank is unusable);
+    ``ranks[LOG_JOINT]`` holds the ranks of ``log p(x, y)``. Each element is tested for
+    uniformity by a chi-square test on ``num_bins`` bins and a Kolmogorov-Smirnov test;
+    ``p_values`` combines the two (Bonferroni, ``2 min(p_chi2, p_ks)``). ``passed`` holds at
+    family-wise level ``alpha`` with a Bonferroni correction over every tested element of
+    every site, and only when nothing was non-finite: ``invalid[site]`` marks the data sets
+    and elements where the site ran but the proposal's draws were NaN or infinite (their
+    ranks are left out of the tests, and :attr:`problems` says how many there were).
 
     Example:
         >>> result = sbc(compiled, key)
@@ -186,27 +189,47 @@ class SBCResult:
     weighted: bool
     alpha: float
     num_degenerate: int = 0  # weighted only: datasets where no particle had a finite weight
+    # Per test quantity, (num_datasets, *shape): True where it ran but its rank is unusable (non-finite draws).
+    invalid: dict[str, np.ndarray] | None = None
+    num_nan_density: int = 0  # datasets where some particle had a NaN log p(x, y) or log q(x | y)
 
     @classmethod
     def from_ranks(cls, ranks: dict[str, np.ndarray], num_draws: int, *, weighted: bool = False,
-                   alpha: float = 0.01, num_bins: int | None = None, num_degenerate: int = 0) -> "SBCResult":
-        """Test normalised ranks (``(num_datasets, *shape)`` arrays in (0, 1), NaN = missing)
-        computed elsewhere, e.g. by your own simulations.
+                   alpha: float = 0.01, num_bins: int | None = None, num_degenerate: int = 0,
+                   executed: dict[str, np.ndarray] | None = None, invalid: dict[str, np.ndarray] | None = None,
+                   num_nan_density: int = 0) -> "SBCResult":
+        """Test normalised ranks (``(num_datasets, *shape)`` arrays in (0, 1)) computed
+        elsewhere, e.g. by your own simulations.
+
+        A NaN (or infinite) rank is a failure (the proposal gave no usable draw there) unless
+        ``executed[site]`` (a boolean array of the ranks' shape) is False there: the site did
+        not run in that data set, and its rank is missing. ``invalid[site]`` marks further
+        ranks as unusable (e.g. computed among draws some of which were NaN).
 
         Example:
             >>> result = SBCResult.from_ranks({"theta": u}, num_draws=100)
+            >>> SBCResult.from_ranks({"k": u}, 100, executed={"k": ran})     # NaN where not ran: missing
         """
         ranks = {k: np.asarray(v, np.float64) for k, v in ranks.items()}
         num_datasets = next(iter(ranks.values())).shape[0]
         num_bins = int(np.clip(num_datasets // 10, 4, 20)) if num_bins is None else int(num_bins)
-        chi2, ks = {}, {}
+        executed, invalid = executed or {}, invalid or {}
+        unknown = (set(executed) | set(invalid)) - set(ranks)
+        if unknown:
+            raise JaxicError(f"executed/invalid name {sorted(unknown)}, which have no ranks; ranks are given for "
+                             f"{sorted(ranks)}.")
+        chi2, ks, bad = {}, {}, {}
         for name, r in ranks.items():
+            ran = np.broadcast_to(np.asarray(executed.get(name, True), bool), r.shape)
+            bad[name] = ran & (~np.isfinite(r) | np.broadcast_to(np.asarray(invalid.get(name, False), bool), r.shape))
+            r = ranks[name] = np.where(bad[name], np.nan, r)  # left out of the tests, counted in ``problems``
             flat = r.reshape(num_datasets, -1)
             tests = np.array([_uniformity(flat[:, e], num_bins) for e in range(flat.shape[1])]).reshape(-1, 2)
             chi2[name] = tests[:, 0].reshape(r.shape[1:])
             ks[name] = tests[:, 1].reshape(r.shape[1:])
         return cls(ranks=ranks, chi2_p_values=chi2, ks_p_values=ks, num_draws=int(num_draws), num_bins=num_bins,
-                   weighted=bool(weighted), alpha=float(alpha), num_degenerate=int(num_degenerate))
+                   weighted=bool(weighted), alpha=float(alpha), num_degenerate=int(num_degenerate), invalid=bad,
+                   num_nan_density=int(num_nan_density))
 
     @property
     def num_datasets(self) -> int:
@@ -232,26 +255,68 @@ class SBCResult:
         m = max(self.num_tests, 1)
         return {k: np.minimum(1.0, p * m) for k, p in self.p_values.items()}
 
+    def num_invalid(self, name: str) -> int:
+        """Data sets in which the site ran but the proposal's draws (or the rank) were not finite.
+
+        Example:
+            >>> result.num_invalid("mu")          # 0 for a healthy proposal
+        """
+        if self.invalid is None or name not in self.invalid:
+            return 0
+        return int(np.any(self.invalid[name].reshape(self.num_datasets, -1), axis=1).sum())
+
     def site_passed(self, name: str) -> bool:
         p = self.adjusted_p_values[name]
-        return bool(np.all(np.isnan(p) | (p >= self.alpha)))
+        return bool(np.all(np.isnan(p) | (p >= self.alpha))) and self.num_invalid(name) == 0
 
     @property
     def failing_sites(self) -> list[str]:
         return [name for name in self.ranks if not self.site_passed(name)]
 
     @property
+    def problems(self) -> list[str]:
+        """Why SBC fails whatever the rank histograms look like: non-finite draws, ranks or
+        densities, datasets without a finite weight, nothing left to test.
+
+        Example:
+            >>> result.problems
+            ["37 of 200 data sets gave non-finite proposal draws for site 'x'"]
+        """
+        n, out = self.num_datasets, []
+        for name in self.ranks:
+            k = self.num_invalid(name)
+            if k and name == LOG_JOINT:
+                out.append(f"{k} of {n} data sets gave a NaN log p(x, y) for their truth or proposal draws")
+            elif k:
+                out.append(f"{k} of {n} data sets gave non-finite proposal draws for site '{name}'")
+        if self.num_nan_density:
+            out.append(f"{self.num_nan_density} of {n} data sets had particles with a NaN log q(x | y) or "
+                       "log p(x, y)")
+        if self.num_degenerate:
+            out.append(f"{self.num_degenerate} of {n} data sets had no particle with a finite weight")
+        if self.num_tests == 0:
+            out.append("no rank could be tested: no element had finite ranks in at least 5 data sets")
+        return out
+
+    @property
     def passed(self) -> bool:
-        """True when no element's ranks depart from uniform at family-wise level ``alpha``."""
-        return not self.failing_sites and self.num_degenerate == 0
+        """True when no element's ranks depart from uniform at family-wise level ``alpha`` and
+        nothing was non-finite (see :attr:`problems`)."""
+        return not self.failing_sites and not self.problems
 
     def diagnose(self, name: str) -> str:
-        """How the ranks of a site's least uniform element depart from uniform.
+        """How the ranks of a site's least uniform element depart from uniform (or that its
+        proposal draws were not finite).
 
         Example:
             >>> result.diagnose("mu")
             'q is too narrow (overconfident): true values often fall outside the draws (∪-shaped ranks)'
         """
+        k = self.num_invalid(name)
+        if k:
+            what = "a NaN log p(x, y)" if name == LOG_JOINT else "non-finite proposal draws"
+            return (f"{k} of {self.num_datasets} data sets gave {what}: the proposal (or the model) computes NaN/inf "
+                    "there; check the training loss, the network's parameters and the observations")
         p = self.p_values[name].reshape(-1)
         u = self.ranks[name].reshape(self.num_datasets, -1)
         worst = int(np.nanargmin(p)) if np.isfinite(p).any() else 0
@@ -267,12 +332,11 @@ class SBCResult:
         lines = [f"SBC over {self.num_datasets} simulated datasets, ranks among {self.num_draws} {kind}: "
                  f"{'PASSED' if self.passed else 'FAILED'} (family-wise level {self.alpha}, "
                  f"Bonferroni over {self.num_tests} tests)"]
+        lines += [f"  FAILED: {problem}" for problem in self.problems]
         for name, p in self.adjusted_p_values.items():
             shown = f"{np.nanmin(p):.3g}" if np.isfinite(p).any() else "n/a"
             verdict = "ok" if self.site_passed(name) else "FAIL: " + self.diagnose(name)
             lines.append(f"  {name:>16}  min adj. p {shown:>9}  {verdict}")
-        if self.num_degenerate:
-            lines.append(f"  {self.num_degenerate} datasets had no particle with a finite weight")
         return "\n".join(lines)
 
     def plot(self, sites: Sequence[str] | None = None, kind: str = "hist", max_elements: int = 4):
@@ -363,6 +427,8 @@ def sbc(compiled, key: jax.Array, num_datasets: int = 200, num_samples: int = 10
                 else np.ones(samples[name].shape[:2 + _batch_ndim(compiled, name)], bool)
                 for name in sites}
     draw_log_p = np.asarray(post.log_joint)
+    # A NaN density is never a property of a good proposal (IS gives such particles zero weight).
+    num_nan_density = int(np.any(np.isnan(draw_log_p) | np.isnan(np.asarray(post.log_proposal)), axis=-1).sum())
     usable = np.ones(draw_log_p.shape, bool)
     num_degenerate = 0
     if weighted:
@@ -377,7 +443,7 @@ def sbc(compiled, key: jax.Array, num_datasets: int = 200, num_samples: int = 10
         usable = np.broadcast_to(~degenerate[:, None], draw_log_p.shape)
     rng = np.random.default_rng(np.asarray(jax.random.bits(jitter_key, (4,), jnp.uint32)))
 
-    ranks = {}
+    ranks, ran_in, invalid = {}, {}, {}
     for name in sites:
         shape = truth[name].shape[1:]
         event_shape = shape[_batch_ndim(compiled, name):]
@@ -385,17 +451,24 @@ def sbc(compiled, key: jax.Array, num_datasets: int = 200, num_samples: int = 10
         per_element = lambda m: np.broadcast_to(m.reshape(m.shape + (1,) * len(event_shape)), m.shape + event_shape)
         draws_ok = per_element(executed[name]) & usable.reshape(usable.shape + (1,) * len(shape))
         true_ok = per_element(ran[name]) & usable.any(axis=1).reshape((-1,) + (1,) * len(shape))
-        u = _normalised_ranks(truth[name].reshape(num_datasets, -1).astype(np.float64),
-                              samples[name].reshape(num_datasets, num_samples, -1).astype(np.float64),
-                              draws_ok.reshape(num_datasets, num_samples, -1), rng)
+        true_values = truth[name].reshape(num_datasets, -1).astype(np.float64)
+        draws = samples[name].reshape(num_datasets, num_samples, -1).astype(np.float64)
+        draws_ok = draws_ok.reshape(num_datasets, num_samples, -1)
+        u = _normalised_ranks(true_values, draws, draws_ok, rng)
         ranks[name] = np.where(true_ok, u.reshape(true_ok.shape), np.nan)
+        # A rank among draws some of which were NaN/inf (or of a non-finite truth) says nothing.
+        broken = np.any(draws_ok & ~np.isfinite(draws), axis=1) | ~np.isfinite(true_values)
+        ran_in[name], invalid[name] = true_ok, broken.reshape(true_ok.shape)
     if log_density:
         u = _normalised_ranks(true_log_p[:, None].astype(np.float64), draw_log_p[..., None].astype(np.float64),
                               usable[..., None], rng)[:, 0]
         ranks[LOG_JOINT] = np.where(usable.any(axis=1), u, np.nan)
+        ran_in[LOG_JOINT] = usable.any(axis=1)
+        invalid[LOG_JOINT] = np.any(usable & np.isnan(draw_log_p), axis=1) | np.isnan(true_log_p)
 
     return SBCResult.from_ranks(ranks, num_samples, weighted=weighted, alpha=alpha, num_bins=num_bins,
-                                num_degenerate=num_degenerate)
+                                num_degenerate=num_degenerate, executed=ran_in, invalid=invalid,
+                                num_nan_density=num_nan_density)
 
 
 def _nanmean(x: np.ndarray, axis: int) -> np.ndarray:
@@ -425,15 +498,42 @@ class CoverageResult:
     coverage: dict[str, np.ndarray]
     per_element: dict[str, np.ndarray]
     num_datasets: int
+    invalid: dict[str, int] = dataclasses.field(default_factory=dict)  # data sets with non-finite draws, per site
 
     @property
     def standard_error(self) -> np.ndarray:
         return np.sqrt(self.levels * (1.0 - self.levels) / self.num_datasets)
 
+    @property
+    def problems(self) -> list[str]:
+        """Why the coverage cannot be read: NaN coverage, or data sets whose draws were not finite.
+
+        Example:
+            >>> cov.problems
+            ["coverage of site 'x' is NaN: no data set gave it a finite rank"]
+        """
+        out = []
+        for name, c in self.coverage.items():
+            if self.invalid.get(name, 0):
+                out.append(f"{self.invalid[name]} of {self.num_datasets} data sets gave non-finite proposal draws "
+                           f"for site '{name}'")
+            if np.isnan(c).any():
+                out.append(f"coverage of site '{name}' is NaN: no data set gave it a finite rank (it never ran, or "
+                           "its proposal draws were not finite)")
+        return out
+
+    @property
+    def passed(self) -> bool:
+        """False when some coverage is NaN or rests on non-finite draws (see :attr:`problems`).
+        How far finite coverage is from nominal is judged against :attr:`standard_error`."""
+        return not self.problems
+
     def summary(self) -> str:
         head = "".join(f"{f'{a:.0%}':>8}" for a in self.levels)
         lines = [f"coverage of central intervals ({self.num_datasets} datasets, ±{self.standard_error.max():.2f} "
-                 f"s.e.):", f"  {'site':>16}{head}"]
+                 f"s.e.):" + ("" if self.passed else " FAILED")]
+        lines += [f"  FAILED: {problem}" for problem in self.problems]
+        lines.append(f"  {'site':>16}{head}")
         for name, c in self.coverage.items():
             lines.append(f"  {name:>16}" + "".join(f"{x:8.2f}" for x in c))
         return "\n".join(lines)
@@ -446,7 +546,8 @@ def coverage(compiled_or_sbc, key: jax.Array | None = None, num_datasets: int = 
 
     The level-``a`` central interval covers the true value when its normalised rank lies
     in ``[(1 - a) / 2, (1 + a) / 2]``. Pass a compiled model (runs :func:`sbc` with the
-    given budget) or an :class:`SBCResult` to reuse its ranks.
+    given budget) or an :class:`SBCResult` to reuse its ranks. NaN coverage, or ranks
+    from non-finite proposal draws, make the result's ``passed`` False (``problems`` says why).
 
     Example:
         >>> cov = jaxic.diagnostics.coverage(compiled, jax.random.key(0), levels=(0.5, 0.9))
@@ -472,4 +573,5 @@ def coverage(compiled_or_sbc, key: jax.Array | None = None, num_datasets: int = 
         inside = np.where(np.isnan(u), np.nan, inside)
         per_element[name] = _nanmean(inside, axis=1)
         mean[name] = _nanmean(inside.reshape(len(levels), -1), axis=1)
-    return CoverageResult(levels=levels, coverage=mean, per_element=per_element, num_datasets=result.num_datasets)
+    return CoverageResult(levels=levels, coverage=mean, per_element=per_element, num_datasets=result.num_datasets,
+                          invalid={name: result.num_invalid(name) for name in mean if result.num_invalid(name)})

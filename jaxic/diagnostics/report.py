@@ -44,8 +44,9 @@ class DiagnosticReport:
     """Everything :func:`report` measured, and its verdicts (``str(report)`` prints them).
 
     ``khat``, ``ess`` and ``ess_fraction`` are None without observations, and arrays with
-    one entry per observation set for a batch of them. ``ok`` is True when SBC passed and
-    every k-hat is below 0.7.
+    one entry per observation set for a batch of them. ``ok`` is True when SBC passed, the
+    coverage is finite, the held-out losses are finite and every k-hat is below 0.7 (a NaN
+    anywhere is a failure).
 
     Example:
         >>> rep = report(compiled, key, {"obs": 25.0}, verbose=False)
@@ -124,30 +125,46 @@ def report(compiled, key: jax.Array, observations: Mapping[str, Any] | None = No
     if sbc_result.passed:
         verdicts.append(f"SBC passed on {sbc_result.num_datasets} simulated datasets: no miscalibration of "
                         "the proposal detected at this budget.")
+    verdicts += [f"SBC FAILED: {problem}." for problem in sbc_result.problems]
     for name in sbc_result.failing_sites:
-        verdicts.append(f"SBC fails for {name}: {sbc_result.diagnose(name)} — train longer or use a bigger "
-                        "network.")
+        if not sbc_result.num_invalid(name):  # non-finite draws are reported above
+            verdicts.append(f"SBC fails for {name}: {sbc_result.diagnose(name)} — train longer or use a bigger "
+                            "network.")
     if sbc_result.num_degenerate:
         verdicts.append(f"{sbc_result.num_degenerate} simulated datasets got no particle with a finite weight — "
                         "the proposal misses the posterior there.")
+    verdicts += [f"coverage FAILED: {problem}." for problem in cov.problems]
     se = cov.standard_error
     for name, c in cov.coverage.items():
         off = [f"{a:.0%} intervals cover {x:.0%}" for a, x, s in zip(cov.levels, c, se) if abs(x - a) > 3 * s]
         if off:
             verdicts.append(f"coverage of {name} is off: " + ", ".join(off) + ".")
     khat = ess_value = ess_fraction = None
+    weights_ok = True
     if observations is not None:
         post = compiled.posterior(post_key, observations, num_samples=num_particles)
         khat, ess_value = pareto_khat(post), ess(post)
         ess_fraction = ess_value / post.num_samples
-        worst = float(np.nanmax(khat)) if (~np.isnan(khat)).any() else float("nan")  # -inf: equal weights
+        undefined = np.isnan(np.atleast_1d(khat))
+        worst = float(np.nanmax(khat)) if (~undefined).any() else float("nan")  # -inf: equal weights
         verdicts.append(("worst observation set: " if np.ndim(khat) else "") + khat_verdict(worst))
-        if np.nanmin(ess_fraction) < 0.01:
-            verdicts.append(f"ESS is only {np.nanmin(ess_fraction):.2%} of the particles: estimates rest on a few "
+        if undefined.any() and not undefined.all():
+            verdicts.append(f"k̂ undefined for {int(undefined.sum())} of {undefined.size} observation sets: no "
+                            "particle has a finite weight there, or some weights are NaN.")
+        fractions = np.atleast_1d(ess_fraction)
+        if np.isfinite(fractions).any() and np.nanmin(fractions) < 0.01:
+            verdicts.append(f"ESS is only {np.nanmin(fractions):.2%} of the particles: estimates rest on a few "
                             "particles — use more particles or train longer.")
-    ok = sbc_result.passed and (khat is None or bool(np.all(np.asarray(khat) < KHAT_OK)))
-    rep = DiagnosticReport(validation_loss=compiled.validation_loss(),
-                           held_out_loss=held_out_loss(compiled, loss_key, num_traces), sbc=sbc_result,
+        weights_ok = bool(np.all(np.asarray(khat) < KHAT_OK))  # NaN k-hat fails too
+    validation = compiled.validation_loss()
+    fresh = held_out_loss(compiled, loss_key, num_traces)
+    losses_ok = bool(np.isfinite(validation) and np.isfinite(fresh))
+    if not losses_ok:
+        verdicts.append(f"held-out loss is not finite ({fresh} on fresh traces, {validation} on the validation "
+                        "set): the proposal computes NaN/inf log q — check the training loss and the network's "
+                        "parameters.")
+    ok = sbc_result.passed and cov.passed and weights_ok and losses_ok
+    rep = DiagnosticReport(validation_loss=validation, held_out_loss=fresh, sbc=sbc_result,
                            coverage=cov, khat=khat, ess=ess_value, ess_fraction=ess_fraction,
                            num_particles=num_particles if observations is not None else 0,
                            verdicts=tuple(verdicts), ok=ok, training_note=_training_note(compiled))

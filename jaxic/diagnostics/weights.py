@@ -29,6 +29,11 @@ def _log_weights(log_weights) -> np.ndarray:
     lw = np.asarray(lw, dtype=np.float64)
     if lw.ndim == 0:
         raise ValueError("log_weights must have a particle axis (the last one)")
+    if hasattr(log_weights, "log_joint") and hasattr(log_weights, "log_proposal"):
+        # Importance sampling gives a particle with a NaN log p or log q zero weight; the
+        # diagnostics must still see that the weights are broken.
+        broken = np.isnan(np.asarray(log_weights.log_joint)) | np.isnan(np.asarray(log_weights.log_proposal))
+        lw = np.where(broken, np.nan, lw)
     return lw
 
 
@@ -43,13 +48,16 @@ def _array_stats():
 def psis(log_weights) -> tuple[np.ndarray, np.ndarray]:
     """Pareto-smoothed, normalised log weights and k-hat (per observation set).
 
-    Takes a :class:`jaxic.Posterior` or log weights with particles on the last axis.
+    Takes a :class:`jaxic.Posterior` or log weights with particles on the last axis. Where
+    no weight is finite, or some weight is NaN (for a Posterior: a particle's ``log p`` or
+    ``log q`` is NaN), both are NaN: the weights cannot be trusted.
 
     Example:
         >>> smoothed, khat = psis(post)          # smoothed: same shape as post.log_weights
         >>> np.exp(smoothed).sum(-1)             # 1 per observation set
     """
     lw = _log_weights(log_weights)
+    nan_sets = np.isnan(lw).any(axis=-1).reshape(-1)
     # Zero-weight particles (-inf) only ever sit in the left tail, which PSIS never fits;
     # a large finite stand-in keeps arviz-stats' arithmetic finite.
     finite = np.isfinite(lw)
@@ -66,7 +74,8 @@ def psis(log_weights) -> tuple[np.ndarray, np.ndarray]:
         # log weights are its negation: hand it the negated log weights.
         s, k = _array_stats().psislw(-flat[~constant], r_eff=1, axis=-1)
         smoothed[~constant], khat[~constant] = np.asarray(s), np.asarray(k)
-    none_finite = ~finite.reshape(flat.shape).any(axis=-1)
+    # No finite weight, or a NaN one: the weights are broken, k-hat is undefined.
+    none_finite = ~finite.reshape(flat.shape).any(axis=-1) | nan_sets
     khat[none_finite] = np.nan
     smoothed[none_finite] = np.nan
     return smoothed.reshape(lw.shape), khat.reshape(lw.shape[:-1])
@@ -87,7 +96,8 @@ def pareto_khat(log_weights) -> np.ndarray | float:
 
 
 def ess(log_weights) -> np.ndarray | float:
-    """Kish effective sample size ``1 / sum w_i^2`` of normalised weights (per observation set).
+    """Kish effective sample size ``1 / sum w_i^2`` of normalised weights (per observation set);
+    NaN where no weight is finite or some weight is NaN.
 
     Example:
         >>> ess(post) / post.num_samples         # fraction of particles that count
@@ -106,7 +116,8 @@ def khat_verdict(khat: float) -> str:
         >>> khat_verdict(0.9)      # 'k̂ = 0.90 > 0.7: importance weights unreliable — train longer ...'
     """
     if np.isnan(khat):
-        return "k̂ undefined: no particle has a finite weight — the proposal misses the posterior entirely"
+        return ("k̂ undefined: no particle has a finite weight, or some weights are NaN — the proposal misses "
+                "the posterior entirely, or computes NaN (check the observations and the training loss)")
     if khat < KHAT_GOOD:
         return f"k̂ = {khat:.2f} < {KHAT_GOOD}: importance weights are reliable"
     if khat < KHAT_OK:

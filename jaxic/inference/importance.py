@@ -23,6 +23,7 @@ from jaxic.errors import ModelError
 from jaxic.inference.posterior import Posterior
 from jaxic.parallel import shard_batch
 from jaxic.tracing import TraceSpec
+from jaxic.tracing.limits import limit_sites, time_limit, time_limit_paused
 from jaxic.tracing.spec import as_tokens, from_tokens, site_mask
 from jaxic.tracing.traces import Tokens, trace_to_tokens
 
@@ -210,6 +211,11 @@ class propose(Messenger):
                              "path uses Python control flow instead, or write the whole model for the masked path.")
         if msg["type"] != "sample" or msg["is_observed"] or msg["value"] is not None:
             return
+        # The run's time limit bounds the model's own code, not the proposal's (compiling) work.
+        with time_limit_paused():
+            self._propose_site(msg)
+
+    def _propose_site(self, msg):
         name = msg["name"]
         if name not in self._addresses:
             raise ModelError(
@@ -251,7 +257,9 @@ def importance_sample_eager(decoder: EagerDecoder, params, statistics, model: Ca
     """Importance sampling on the universal path: the model runs eagerly, once per particle,
     with the compiled proposal decoding each site as the model reaches it.
 
-    Sites a particle did not reach are zero in ``samples`` and False in ``executed``.
+    Sites a particle did not reach are zero in ``samples`` and False in ``executed``. Each
+    particle's run is bounded by the spec's ``site_limit`` and ``timeout``: a run that does not
+    end raises a :class:`~jaxic.errors.ModelError` naming the model's line.
 
     Example:
         >>> result = importance_sample_eager(decoder, params, statistics, model, key, {"obs": 1.0}, 1000)
@@ -262,11 +270,14 @@ def importance_sample_eager(decoder: EagerDecoder, params, statistics, model: Ca
     samples = {s.name: [] for s in spec.latents}
     executed = {s.name: [] for s in spec.latents}
     log_ps, log_qs = [], []
-    for particle_key in jax.random.split(key, num_particles):
+    for i, particle_key in enumerate(jax.random.split(key, num_particles)):
         proposal_key, model_key = jax.random.split(particle_key)
-        conditioned = handlers.condition(handlers.seed(model, model_key), data=observations)
+        during = f"importance sampling, particle {i + 1} of {num_particles}"
+        bounded = limit_sites(model, spec.site_limit, during)
+        conditioned = handlers.condition(handlers.seed(bounded, model_key), data=observations)
         handler = propose(conditioned, decoder, params, statistics, prefix_state, proposal_key)
-        trace = handlers.trace(handler).get_trace()
+        with time_limit(spec.timeout, during):
+            trace = handlers.trace(handler).get_trace()
         for site in spec.latents:
             if site.name in trace:
                 samples[site.name].append(np.asarray(trace[site.name]["value"]))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import traceback
 from typing import Callable, Sequence
 
 import jax
@@ -25,6 +24,7 @@ from numpyro.contrib.control_flow.scan import scan_wrapper
 from numpyro.primitives import Messenger
 
 from jaxic.errors import JaxicError, ModelError, ObservationError, UnsupportedDistributionError, UntraceableModelError
+from jaxic.tracing import limits
 
 _JIT_FAILURES = (
     jax.errors.ConcretizationTypeError,
@@ -115,6 +115,10 @@ class TraceSpec:
     # Universal (eager) path: tokens are packed in execution order up to ``max_tokens``.
     dynamic: bool = False
     max_tokens: int = 0
+    # Universal path: bounds on one eager model run (sample sites; seconds, None: the default).
+    # They bound runs without changing the layout, so specs that differ only in them are equal.
+    max_sites_per_run: int | None = dataclasses.field(default=None, compare=False)
+    run_timeout: float | None = dataclasses.field(default=None, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -123,6 +127,20 @@ class TraceSpec:
     @property
     def value_dim(self) -> int:
         return max(s.value_dim for s in self.latents)
+
+    @property
+    def site_limit(self) -> int:
+        """Most sample sites one eager run may reach: ``max_sites_per_run``, or for specs saved
+        before it was stored, a bound derived from ``max_tokens`` with the same margin."""
+        if self.max_sites_per_run:
+            return int(self.max_sites_per_run)
+        return 4 * (self.num_tokens + len(self.observed)) + 100
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds one eager run may take (None: no limit); ``run_timeout`` or the default
+        :data:`jaxic.tracing.limits.DEFAULT_RUN_TIMEOUT`."""
+        return limits.resolve_timeout(self.run_timeout)
 
     @property
     def max_instances(self) -> int:
@@ -164,7 +182,8 @@ class TraceSpec:
         )
         observed = tuple(ObservedSite(name=o["name"], shape=tuple(o["shape"])) for o in raw["observed"])
         return cls(latents=latents, observed=observed, dist_types=tup(raw["dist_types"]),
-                   dynamic=raw.get("dynamic", False), max_tokens=raw.get("max_tokens", 0))
+                   dynamic=raw.get("dynamic", False), max_tokens=raw.get("max_tokens", 0),
+                   max_sites_per_run=raw.get("max_sites_per_run"), run_timeout=raw.get("run_timeout"))
 
     def describe_difference(self, other: "TraceSpec") -> str:
         """Human-readable list of what differs between two specs ('' when equal)."""
@@ -283,17 +302,8 @@ def _latent_site(name: str, msg: dict, offset: int) -> LatentSite:
 
 
 def _user_frame(exc: BaseException) -> str:
-    """The innermost traceback frame outside jax/numpyro/jaxic: where the user's model failed."""
-    def internal(filename: str) -> bool:
-        # jaxic's example models are model code like the user's own.
-        return (any(p in filename for p in ("/jax/", "/jaxlib/", "/numpyro/", "/flax/"))
-                or ("/jaxic/" in filename and "/jaxic/models/" not in filename))
-
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not internal(f.filename)]
-    if not frames:
-        return "a line of the model"
-    f = frames[-1]
-    return f"{f.filename}:{f.lineno} in {f.name}: `{(f.line or '').strip()}`"
+    """The innermost traceback frame of the user's code: where the model failed."""
+    return limits.user_frame(exc)
 
 
 def run_model(model: Callable, key: jax.Array) -> dict:

@@ -3,7 +3,9 @@
 Such a model cannot run under ``jax.jit``, so it runs eagerly, one trace per call.
 Addresses are discovered as they appear in pilot runs, and each trace is packed in
 execution order into the same padded token format as the masked path, so the
-proposal network still trains batched and jitted.
+proposal network still trains batched and jitted. Every eager run is bounded in sample
+sites and seconds (stored in the spec), so a model that never ends on some draws raises a
+:class:`ModelError` naming its line instead of hanging.
 
 Example:
     >>> spec = derive_universal_spec(model, observed=["obs"], key=jax.random.key(0))
@@ -22,18 +24,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxic.errors import JaxicError, ModelError
-from jaxic.tracing.spec import (LatentSite, ObservedSite, TraceSpec, _latent_site, _user_frame, as_tokens,
-                                check_observed, run_model, site_mask)
+from jaxic.tracing.limits import PILOT_MIN_SITES, limit_sites, resolve_timeout, time_limit, user_frame
+from jaxic.tracing.spec import (LatentSite, ObservedSite, TraceSpec, _latent_site, as_tokens, check_observed,
+                                run_model, site_mask)
 from jaxic.tracing.traces import Tokens
 
 
-def _run(model: Callable, key: jax.Array) -> dict:
+def run_bounded(model: Callable, key: jax.Array, max_sites: int | None = None, timeout: float | None = None,
+                during: str = "an eager model run") -> dict:
+    """One eager run of the model under ``seed`` + ``trace``, stopped with a :class:`ModelError`
+    naming the model's line once it reaches more than ``max_sites`` sample sites or runs
+    longer than ``timeout`` seconds (None: no bound). Errors the model raises become a
+    :class:`ModelError` that says where.
+
+    Example:
+        >>> trace = run_bounded(model, jax.random.key(0), spec.site_limit, spec.timeout)
+    """
+    bounded = model if max_sites is None else limit_sites(model, max_sites, during)
     try:
-        return run_model(model, key)
+        with time_limit(timeout, during):
+            return run_model(bounded, key)
     except JaxicError:
         raise
     except Exception as exc:  # the user's code failed: say where
-        raise ModelError(f"the model raised {type(exc).__name__}: {exc} (at {_user_frame(exc)})") from exc
+        raise ModelError(f"the model raised {type(exc).__name__}: {exc} (at {user_frame(exc)})") from exc
 
 
 def _latent_messages(trace: dict, observed: Sequence[str]):
@@ -41,25 +55,41 @@ def _latent_messages(trace: dict, observed: Sequence[str]):
 
 
 def derive_universal_spec(model: Callable, observed: Sequence[str], key: jax.Array | None = None,
-                          num_traces: int = 256, max_tokens: int | None = None) -> TraceSpec:
+                          num_traces: int = 256, max_tokens: int | None = None, *,
+                          max_sites_per_run: int | None = None, run_timeout: float | None = None) -> TraceSpec:
     """Discover a universal model's addresses from ``num_traces`` eager pilot runs.
 
     Addresses are numbered in order of first appearance. ``max_tokens`` (default: 25%
     above the longest pilot trace) bounds the length of a trace; longer traces are
     dropped from training and counted.
 
+    Every eager run of the model (these pilots, training traces, importance sampling) is
+    bounded, so that a model that never ends on some draws raises a :class:`ModelError`
+    naming its line instead of hanging: ``max_sites_per_run`` sample sites (default: 4 times
+    the pilots' longest run plus 100; pilots themselves may reach at least
+    :data:`~jaxic.tracing.limits.PILOT_MIN_SITES`) and ``run_timeout`` seconds (default
+    :data:`~jaxic.tracing.limits.DEFAULT_RUN_TIMEOUT`; 0 or ``inf``: no limit). Both are
+    stored in the spec.
+
     Example:
         >>> spec = derive_universal_spec(model, ["obs"], jax.random.key(0), num_traces=512)
+        >>> spec.site_limit, spec.timeout
     """
     if isinstance(observed, str):
         observed = [observed]
+    if max_sites_per_run is not None and int(max_sites_per_run) < 1:
+        raise JaxicError(f"max_sites_per_run must be a positive number of sample sites, got {max_sites_per_run}.")
+    timeout = resolve_timeout(run_timeout)
     key = jax.random.key(0) if key is None else key
     sites: dict[str, LatentSite] = {}
     obs_shapes: dict[str, tuple] = {}
-    longest = 0
-    for k in jax.random.split(key, num_traces):
-        trace = _run(model, k)
+    longest = longest_sites = 0
+    for i, k in enumerate(jax.random.split(key, num_traces)):
+        # Until the pilots have shown how long a run gets, the bound grows with them.
+        bound = max_sites_per_run or max(PILOT_MIN_SITES, 4 * longest_sites + 100)
+        trace = run_bounded(model, k, bound, timeout, f"pilot run {i + 1} of {num_traces} deriving the trace spec")
         samples = {n: m for n, m in trace.items() if m["type"] == "sample"}
+        longest_sites = max(longest_sites, len(samples))
         check_observed(samples, observed)
         for name in observed:
             shape = tuple(jnp.shape(samples[name]["value"]))
@@ -81,7 +111,8 @@ def derive_universal_spec(model: Callable, observed: Sequence[str], key: jax.Arr
     max_tokens = max_tokens or max(longest + 1, math.ceil(1.25 * longest))
     latents = tuple(sites.values())
     return TraceSpec(latents=latents, observed=tuple(ObservedSite(n, obs_shapes[n]) for n in observed),
-                     dist_types=tuple(sorted({s.dist_type for s in latents})), dynamic=True, max_tokens=max_tokens)
+                     dist_types=tuple(sorted({s.dist_type for s in latents})), dynamic=True, max_tokens=max_tokens,
+                     max_sites_per_run=int(max_sites_per_run or 4 * longest_sites + 100), run_timeout=run_timeout)
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,7 +175,8 @@ def sample_universal(spec: TraceSpec, model: Callable, key: jax.Array, num_trace
     kept, skipped = [], 0
     keys = iter(jax.random.split(key, num_traces * max_attempts_factor))
     for k in keys:
-        packed = pack_trace(spec, _run(model, k))
+        trace = run_bounded(model, k, spec.site_limit, spec.timeout, "drawing joint samples from the model")
+        packed = pack_trace(spec, trace)
         if packed is None:
             skipped += 1
             continue
