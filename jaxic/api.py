@@ -316,7 +316,7 @@ def _assemble(model, model_args, model_kwargs, observed, key, network, train_con
               observation_embedders, path: str = "auto", dataset: TraceDataset | None = None,
               spec: TraceSpec | None = None, pilot_traces: int = 256, max_tokens: int | None = None,
               objective=None, data: Mapping | None = None, local_plate: str | None = None,
-              devices: Any = None) -> CompiledModel:
+              devices: Any = None, **limits) -> CompiledModel:
     """Proposal, objective, optimizer, training loop and validation set of a compiled model."""
     objective = _resolve_objective(objective)
     if objective.needs_data and (dataset is not None or path == "universal"):
@@ -326,7 +326,7 @@ def _assemble(model, model_args, model_kwargs, observed, key, network, train_con
     proposal = core.init(model, observed, key, network=network, model_args=model_args, model_kwargs=model_kwargs,
                          path="masked" if objective.needs_data else path, local_plate=local_plate, data=data,
                          observation_embedders=observation_embedders, statistics_size=train_config.statistics_size,
-                         pilot_traces=pilot_traces, max_tokens=max_tokens, spec=spec, dataset=dataset)
+                         pilot_traces=pilot_traces, max_tokens=max_tokens, spec=spec, dataset=dataset, **limits)
     data = core.check_data(data, proposal.spec, proposal.plate)
     mesh = None if devices is None else parallel.data_mesh(devices)
     dynamic = dataset is not None or proposal.spec.dynamic
@@ -381,7 +381,8 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
             pilot_traces: int = 256, max_tokens: int | None = None, objective: Any = None,
             data: Mapping[str, Any] | None = None, local_plate: str | None = None,
             progress: bool = True, devices: Any = None, checkpoint_dir: str | os.PathLike | None = None,
-            checkpoint_every: int | None = None, max_to_keep: int = 3) -> CompiledModel:
+            checkpoint_every: int | None = None, max_to_keep: int = 3, max_sites_per_run: int | None = None,
+            run_timeout: float | None = None) -> CompiledModel:
     """Compile an amortized proposal (an inference network) for a NumPyro model.
 
     By default it trains by inference compilation (forward KL on fresh joint samples, no
@@ -413,6 +414,9 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
             fresh joint samples; its first ``validation_size`` traces are held out.
         pilot_traces, max_tokens: universal path only: eager runs that discover the addresses, and
             the longest trace (in tokens) the proposal handles (default: 25% above the pilots').
+        max_sites_per_run, run_timeout: universal path only: an eager model run that reaches more sample
+            sites (default: 4x the longest pilot run + 100) or runs longer than ``run_timeout`` seconds
+            (default 10; 0 turns it off) stops with a :class:`jaxic.ModelError` naming the model's line.
         objective: ``"forward_kl"`` (default), ``"elbo"`` (amortized variational inference; reparameterised
             and score-function gradients), ``"rws"`` (reweighted wake-sleep), or an instance from
             ``jaxic.objectives`` with options, e.g. ``ELBO(num_particles=4)``.
@@ -462,7 +466,7 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
         compiled = _assemble(model, model_args, model_kwargs, observed, key, network, train_config, optimizer,
                              observation_embedders, path, dataset, pilot_traces=pilot_traces,
                              max_tokens=max_tokens, objective=objective, data=data, local_plate=local_plate,
-                             devices=devices)
+                             devices=devices, max_sites_per_run=max_sites_per_run, run_timeout=run_timeout)
     if checkpoint_dir is not None:
         compiled.checkpoint_to(checkpoint_dir, checkpoint_every if checkpoint_every is not None else
                                max(train_config.validation_every, 1), max_to_keep)

@@ -92,7 +92,8 @@ def init(model: Callable, observed: Sequence[str], key: jax.Array, *, network: A
          local_plate: str | None = None, data: Mapping[str, Any] | None = None,
          observation_embedders: Mapping[str, nnx.Module] | None = None, statistics_size: int = 4096,
          pilot_traces: int = 256, max_tokens: int | None = None, spec: TraceSpec | None = None,
-         dataset: TraceDataset | None = None) -> Proposal:
+         dataset: TraceDataset | None = None, max_sites_per_run: int | None = None,
+         run_timeout: float | None = None) -> Proposal:
     """An untrained proposal for ``model``: derive the trace spec, standardise on joint draws,
     build the network (its heads start at the prior).
 
@@ -109,7 +110,8 @@ def init(model: Callable, observed: Sequence[str], key: jax.Array, *, network: A
     init_key, stats_key, _, _ = jax.random.split(key, 4)
     if spec is None:
         spec = dataset.spec if dataset is not None else derive_spec(
-            bound, observed, "masked" if plate is not None else path, stats_key, pilot_traces, max_tokens)
+            bound, observed, "masked" if plate is not None else path, stats_key, pilot_traces, max_tokens,
+            max_sites_per_run=max_sites_per_run, run_timeout=run_timeout)
     data = check_data(data, spec, plate)
     model_params, param_constraints = find_model_params(full, init_key)
     if dataset is not None:
@@ -167,12 +169,13 @@ def check_data(data: Mapping | None, spec: TraceSpec, plate: LocalPlate | None =
 
 
 def derive_spec(bound: Callable, observed: Sequence[str], path: str, key: jax.Array, pilot_traces: int = 256,
-                max_tokens: int | None = None) -> TraceSpec:
-    """The trace spec on the chosen path (``"auto"``: masked when the model jits, else universal, with a warning)."""
+                max_tokens: int | None = None, **limits) -> TraceSpec:
+    """The trace spec on the chosen path (``"auto"``: masked when the model jits, else universal, with a warning).
+    ``limits`` (``max_sites_per_run``, ``run_timeout``) bound each eager run of a universal model."""
     if path not in PATHS:
         raise JaxicError(f"path must be one of {PATHS}, got {path!r}.")
     if path == "universal":
-        return derive_universal_spec(bound, observed, key, pilot_traces, max_tokens)
+        return derive_universal_spec(bound, observed, key, pilot_traces, max_tokens, **limits)
     try:
         return derive_trace_spec(bound, observed)
     except UntraceableModelError as exc:
@@ -182,7 +185,7 @@ def derive_spec(bound: Callable, observed: Sequence[str], path: str, key: jax.Ar
         warnings.warn(f"jaxic: {message}. Using the universal path: the model runs eagerly (one trace per "
                       "call) while the proposal still trains batched and jitted. For speed, rewrite the "
                       "control flow with handlers.mask / cond / scan (see jaxic.control_flow).", stacklevel=4)
-        return derive_universal_spec(bound, observed, key, pilot_traces, max_tokens)
+        return derive_universal_spec(bound, observed, key, pilot_traces, max_tokens, **limits)
 
 
 def local_plate_of(bound: Callable, name: str, observed: Sequence[str]) -> LocalPlate:

@@ -31,6 +31,7 @@ from jaxic.errors import JaxicError
 from jaxic.inference.importance import log_joint
 from jaxic.tracing.params import ParameterisedModel
 from jaxic.tracing.spec import run_model, site_mask
+from jaxic.tracing.universal import run_bounded
 
 LOG_JOINT = "log p(x, y)"
 """Key of the joint-log-density test quantity in :attr:`SBCResult.ranks`."""
@@ -87,7 +88,8 @@ def _simulate_eager(compiled, key, num_datasets):
     log_p = []
     observed = {o.name for o in spec.observed}
     for k in jax.random.split(key, 4 * num_datasets):
-        trace = run_model(compiled.bound_model, k)
+        trace = run_bounded(compiled.bound_model, k, spec.site_limit, spec.timeout,
+                            "simulating data sets for diagnostics")
         latent = [n for n, m in trace.items() if m["type"] == "sample" and n not in observed and not m["is_observed"]]
         if any(n not in shapes for n in latent) or sum(spec.latent(n).num_tokens for n in latent) > spec.num_tokens:
             continue
