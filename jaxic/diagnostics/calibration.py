@@ -112,12 +112,15 @@ def _simulate_eager(compiled, key, num_datasets):
 
 # --- ranks ------------------------------------------------------------------------------------
 
-def _normalised_ranks(truth, draws, valid, rng) -> np.ndarray:
+def normalised_ranks(truth, draws, valid, rng) -> np.ndarray:
     """Rank of ``truth`` (n, E) among ``draws`` (n, L, E) where ``valid``, as a number in (0, 1).
 
     With ``k`` draws below the truth out of ``L`` (ties broken at random), ``(k + U) / (L + 1)``
     with ``U ~ Uniform(0, 1)`` is exactly Uniform(0, 1) under calibration, whatever ``L``
     is, so datasets with different numbers of usable draws pool and KS tests apply.
+
+    Example:
+        >>> u = normalised_ranks(truth, draws, np.ones(draws.shape, bool), np.random.default_rng(0))
     """
     with np.errstate(invalid="ignore"):
         valid = valid & ~np.isnan(draws)
@@ -282,9 +285,9 @@ class SBCResult:
         Example:
             >>> result.plot(["mu", LOG_JOINT], kind="ecdf").savefig("sbc.png")
         """
-        from jaxic.plots import _pyplot
+        from jaxic.plots import pyplot
 
-        plt = _pyplot()
+        plt = pyplot()
         if kind not in ("hist", "ecdf"):
             raise JaxicError(f"kind must be 'hist' or 'ecdf', got {kind!r}.")
         panels = []
@@ -385,13 +388,13 @@ def sbc(compiled, key: jax.Array, num_datasets: int = 200, num_samples: int = 10
         per_element = lambda m: np.broadcast_to(m.reshape(m.shape + (1,) * len(event_shape)), m.shape + event_shape)
         draws_ok = per_element(executed[name]) & usable.reshape(usable.shape + (1,) * len(shape))
         true_ok = per_element(ran[name]) & usable.any(axis=1).reshape((-1,) + (1,) * len(shape))
-        u = _normalised_ranks(truth[name].reshape(num_datasets, -1).astype(np.float64),
-                              samples[name].reshape(num_datasets, num_samples, -1).astype(np.float64),
-                              draws_ok.reshape(num_datasets, num_samples, -1), rng)
+        u = normalised_ranks(truth[name].reshape(num_datasets, -1).astype(np.float64),
+                             samples[name].reshape(num_datasets, num_samples, -1).astype(np.float64),
+                             draws_ok.reshape(num_datasets, num_samples, -1), rng)
         ranks[name] = np.where(true_ok, u.reshape(true_ok.shape), np.nan)
     if log_density:
-        u = _normalised_ranks(true_log_p[:, None].astype(np.float64), draw_log_p[..., None].astype(np.float64),
-                              usable[..., None], rng)[:, 0]
+        u = normalised_ranks(true_log_p[:, None].astype(np.float64), draw_log_p[..., None].astype(np.float64),
+                             usable[..., None], rng)[:, 0]
         ranks[LOG_JOINT] = np.where(usable.any(axis=1), u, np.nan)
 
     return SBCResult.from_ranks(ranks, num_samples, weighted=weighted, alpha=alpha, num_bins=num_bins,

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxic.errors import JaxicError, ModelError
-from jaxic.tracing.spec import (LatentSite, ObservedSite, TraceSpec, _latent_site, _user_frame, as_tokens,
-                                check_observed, run_model, site_mask)
+from jaxic.tracing.spec import (LatentSite, ObservedSite, TraceSpec, as_tokens, check_observed, latent_site,
+                                run_model, site_mask, user_frame)
 from jaxic.tracing.traces import Tokens
 
 
@@ -33,7 +33,7 @@ def _run(model: Callable, key: jax.Array) -> dict:
     except JaxicError:
         raise
     except Exception as exc:  # the user's code failed: say where
-        raise ModelError(f"the model raised {type(exc).__name__}: {exc} (at {_user_frame(exc)})") from exc
+        raise ModelError(f"the model raised {type(exc).__name__}: {exc} (at {user_frame(exc)})") from exc
 
 
 def _latent_messages(trace: dict, observed: Sequence[str]):
@@ -68,7 +68,7 @@ def derive_universal_spec(model: Callable, observed: Sequence[str], key: jax.Arr
                                  f"{shape}); jaxic needs a fixed observation shape (pad it and observe a mask).")
         length = 0
         for name, msg in _latent_messages(trace, observed):
-            site = _latent_site(name, msg, 0)
+            site = latent_site(name, msg, 0)
             known = sites.setdefault(name, site)
             if known != site:
                 raise ModelError(f"site '{name}' changes between runs ({known.dist_type} {known.batch_shape} vs "
