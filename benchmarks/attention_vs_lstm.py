@@ -14,7 +14,7 @@ validation set and the same stream of training traces). The first compiled chunk
 ``steps_per_call`` = 25 steps traces and compiles the training step: its wall time is reported as
 compile time and is outside the time budget (its steps are counted). The held-out loss recorded
 after each training chunk (the learning curve in the JSON) is also outside the budget. See
-``jaxic.benchmarking.train_for``.
+``benchmarks/pedagogical_metrics.py`` (``train_for``).
 
 Figures per (M, network):
 
@@ -56,9 +56,10 @@ import jax
 
 import jaxic
 from jaxic import training as jaxic_training
-from jaxic.benchmarking import circle_mass, heldout_loss, importance_metrics, plot_sweep, prior_ess_fraction, train_for
 from jaxic.models import pedagogical
 from jaxic.networks import NETWORKS, FeedForwardConfig, LSTMConfig, TransformerConfig
+from pedagogical_metrics import (circle_mass, heldout_loss, importance_metrics, plot_sweep, prior_ess_fraction,
+                                 train_for)
 from results_io import environment_lines, publish
 
 HEADING = "## Attention vs LSTM vs feed-forward over nuisance sites (benchmarks/attention_vs_lstm.py)"

@@ -93,6 +93,7 @@ from jaxic.models import pedagogical
 from jaxic.networks import LSTMConfig, TransformerConfig
 from jaxic.objectives import forward_kl_loss
 from jaxic.tracing import sample_joint
+from flops import dot_flops, matmul_flops, matmul_products
 from results_io import environment_lines, publish
 
 HEADING = "## Throughput (benchmarks/throughput.py)"
@@ -135,58 +136,6 @@ def timed(fn: Callable[..., Any], *args) -> tuple[Any, float]:
 
 # ----------------------------------------------------------------------------------------------
 # FLOPs, memory, the machine's matmul rate
-
-
-def _subjaxprs(value):
-    """Jaxprs held in an equation parameter (a Jaxpr, a ClosedJaxpr, or tuples of them)."""
-    if hasattr(value, "eqns"):
-        yield value
-    elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
-        yield value.jaxpr
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _subjaxprs(v)
-
-
-def dot_flops(lhs: tuple, rhs: tuple, dims) -> float:
-    """FLOPs of one ``dot_general`` of operands shaped ``lhs`` and ``rhs``: 2 x output size x contraction."""
-    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dims
-    lhs_free = [n for i, n in enumerate(lhs) if i not in (*lhs_contract, *lhs_batch)]
-    rhs_free = [n for i, n in enumerate(rhs) if i not in (*rhs_contract, *rhs_batch)]
-    out = math.prod(lhs[i] for i in lhs_batch) * math.prod(lhs_free) * math.prod(rhs_free)
-    return 2.0 * out * math.prod(lhs[i] for i in lhs_contract)
-
-
-def matmul_products(jaxpr, times: int = 1, found: dict | None = None) -> dict:
-    """Every distinct ``dot_general`` a jaxpr executes, as ``{(lhs shape, rhs shape, dimension numbers,
-    dtype): executions}``.
-
-    A ``scan`` body counts ``length`` times, a ``cond`` its most expensive branch, a ``while``
-    body once (unknown trip count; jaxic's training and sampling loops are scans).
-    """
-    found = {} if found is None else found
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            lhs, rhs = (v.aval for v in eqn.invars[:2])
-            key = (lhs.shape, rhs.shape, eqn.params["dimension_numbers"], str(lhs.dtype))
-            found[key] = found.get(key, 0) + times
-        elif name == "scan":
-            matmul_products(eqn.params["jaxpr"].jaxpr, times * eqn.params["length"], found)
-        elif name == "cond":
-            branches = [b.jaxpr for b in eqn.params["branches"]]
-            matmul_products(max(branches, key=matmul_flops), times, found)
-        else:
-            for value in eqn.params.values():
-                for sub in _subjaxprs(value):
-                    matmul_products(sub, times, found)
-    return found
-
-
-def matmul_flops(jaxpr) -> float:
-    """FLOPs of the dense matrix products (``dot_general``) a jaxpr executes (loops as in
-    :func:`matmul_products`)."""
-    return sum(count * dot_flops(lhs, rhs, dims) for (lhs, rhs, dims, _), count in matmul_products(jaxpr).items())
 
 
 def matmul_ceiling(jaxpr, repeats: int = 5) -> list[dict]:

@@ -1,7 +1,7 @@
 """Amortized variational inference on binarised 8x8 digits: jaxic against a hand-written NumPyro VAE.
 
 Both fit the same generative model (``jaxic.models.vae``: ``z_n ~ N(0, I)``, 64 Bernoulli pixels
-from a GELU MLP decoder) to the 1437 training images of ``jaxic.models.load_digits_binary`` and
+from a GELU MLP decoder) to the 1437 training images of ``vae_baseline.load_digits_binary`` and
 learn an amortized ``q(z_n | x_n)`` at the same time:
 
 * **NumPyro**: the textbook VAE, ``numpyro.infer.SVI`` with ``Trace_ELBO`` and an MLP encoder guide
@@ -38,9 +38,9 @@ import jax
 import numpy as np
 import optax
 
-from jaxic.models.vae import (load_digits_binary, matched_inference_network, numpyro_vae_log_weights,
-                              train_numpyro_vae, vae)
+from jaxic.models.vae import vae
 from results_io import environment_lines, publish
+from vae_baseline import load_digits_binary, matched_inference_network, numpyro_vae_log_weights, train_numpyro_vae
 
 HEADING = "## Amortized VI on binarised digits (benchmarks/vae_digits.py)"
 METHODS = ("numpyro", "jaxic")

@@ -17,7 +17,12 @@ from scipy.special import softmax
 from jaxic.errors import JaxicError, MissingDependencyError
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot``, or a :class:`MissingDependencyError` saying how to install it.
+
+    Example:
+        >>> plt = pyplot()
+    """
     try:
         import matplotlib.pyplot as plt
     except ImportError:
@@ -83,7 +88,7 @@ def plot_pair(posterior, sites: Sequence[str] | None = None, *, bins: int = 40, 
         >>> fig = plot_pair(post, ["x", "y"])
         >>> fig = plot_pair(jaxic.to_arviz(post, resample=False), ["x", "y"])
     """
-    plt = _pyplot()
+    plt = pyplot()
     if hasattr(posterior, "samples") and hasattr(posterior, "log_weights"):
         sites = list(posterior.samples) if sites is None else list(sites)
         variables, weights = _variables_from_posterior(posterior, sites)
@@ -138,7 +143,7 @@ def plot_training(compiled, window: int | None = None, *, figsize: tuple[float, 
     Example:
         >>> jaxic.plots.plot_training(compiled).savefig("training.png")
     """
-    plt = _pyplot()
+    plt = pyplot()
     loss = np.asarray(compiled.history.get("loss", []), np.float64)
     if loss.size == 0:
         raise JaxicError("no training history: this proposal has not been trained yet (compiled.train(n)).")

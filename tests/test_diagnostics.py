@@ -11,7 +11,7 @@ import pytest
 import jaxic
 from jaxic import diagnostics, training
 from jaxic.diagnostics import LOG_JOINT, SBCResult
-from jaxic.diagnostics.calibration import _normalised_ranks
+from jaxic.diagnostics.calibration import normalised_ranks
 from jaxic.models import gaussian_unknown_mean
 from jaxic.plots import plot_training
 
@@ -67,7 +67,7 @@ def test_rank_histogram_shapes_are_diagnosed():
 
     def result(scale=1.0, shift=0.0):
         draws = shift + scale * rng.normal(size=(400, 100, 1))
-        u = _normalised_ranks(truth, draws, np.ones(draws.shape, bool), rng)[:, 0]
+        u = normalised_ranks(truth, draws, np.ones(draws.shape, bool), rng)[:, 0]
         return SBCResult.from_ranks({"theta": u}, num_draws=100)
 
     assert result().passed
@@ -85,7 +85,7 @@ def test_discrete_ties_are_broken_at_random_and_unexecuted_draws_ignored():
     draws = rng.choice(3, size=(500, 50, 1), p=probs).astype(float)
     valid = rng.uniform(size=draws.shape) < 0.7
     garbage = np.where(valid, draws, 1e9)  # values of draws where the site did not run
-    u = _normalised_ranks(truth, garbage, valid, rng)[:, 0]
+    u = normalised_ranks(truth, garbage, valid, rng)[:, 0]
     assert SBCResult.from_ranks({"k": u}, num_draws=50).passed
     counted = np.sum(draws < truth[:, None], axis=1)[:, 0] / 50  # ranks without tie-breaking are not uniform
     assert not SBCResult.from_ranks({"k": counted}, num_draws=50).passed

@@ -114,12 +114,15 @@ def _simulate_eager(compiled, key, num_datasets):
 
 # --- ranks ------------------------------------------------------------------------------------
 
-def _normalised_ranks(truth, draws, valid, rng) -> np.ndarray:
+def normalised_ranks(truth, draws, valid, rng) -> np.ndarray:
     """Rank of ``truth`` (n, E) among ``draws`` (n, L, E) where ``valid``, as a number in (0, 1).
 
     With ``k`` draws below the truth out of ``L`` (ties broken at random), ``(k + U) / (L + 1)``
     with ``U ~ Uniform(0, 1)`` is exactly Uniform(0, 1) under calibration, whatever ``L``
     is, so datasets with different numbers of usable draws pool and KS tests apply.
+
+    Example:
+        >>> u = normalised_ranks(truth, draws, np.ones(draws.shape, bool), np.random.default_rng(0))
     """
     with np.errstate(invalid="ignore"):
         valid = valid & ~np.isnan(draws)
@@ -348,9 +351,9 @@ class SBCResult:
         Example:
             >>> result.plot(["mu", LOG_JOINT], kind="ecdf").savefig("sbc.png")
         """
-        from jaxic.plots import _pyplot
+        from jaxic.plots import pyplot
 
-        plt = _pyplot()
+        plt = pyplot()
         if kind not in ("hist", "ecdf"):
             raise JaxicError(f"kind must be 'hist' or 'ecdf', got {kind!r}.")
         panels = []
@@ -456,14 +459,14 @@ def sbc(compiled, key: jax.Array, num_datasets: int = 200, num_samples: int = 10
         true_values = truth[name].reshape(num_datasets, -1).astype(np.float64)
         draws = samples[name].reshape(num_datasets, num_samples, -1).astype(np.float64)
         draws_ok = draws_ok.reshape(num_datasets, num_samples, -1)
-        u = _normalised_ranks(true_values, draws, draws_ok, rng)
+        u = normalised_ranks(true_values, draws, draws_ok, rng)
         ranks[name] = np.where(true_ok, u.reshape(true_ok.shape), np.nan)
         # A rank among draws some of which were NaN/inf (or of a non-finite truth) says nothing.
         broken = np.any(draws_ok & ~np.isfinite(draws), axis=1) | ~np.isfinite(true_values)
         ran_in[name], invalid[name] = true_ok, broken.reshape(true_ok.shape)
     if log_density:
-        u = _normalised_ranks(true_log_p[:, None].astype(np.float64), draw_log_p[..., None].astype(np.float64),
-                              usable[..., None], rng)[:, 0]
+        u = normalised_ranks(true_log_p[:, None].astype(np.float64), draw_log_p[..., None].astype(np.float64),
+                             usable[..., None], rng)[:, 0]
         ranks[LOG_JOINT] = np.where(usable.any(axis=1), u, np.nan)
         ran_in[LOG_JOINT] = usable.any(axis=1)
         invalid[LOG_JOINT] = np.any(usable & np.isnan(draw_log_p), axis=1) | np.isnan(true_log_p)

@@ -20,10 +20,6 @@ __all__ = ["coin_flips", "gaussian_unknown_mean", "gaussian_unknown_mean_posteri
            "arth150", "Arth150", "Arth150Layout", "load_arth150", "arth150_layout", "arth150_joint",
            "arth150_posterior", "arth150_log_evidence", "exact_posterior_samples", "exact_posterior_log_prob",
            "simulate_arth150", "stack_sites", "unstack_sites", "gaussian_fit", "kl_gaussian"]
-from jaxic.models.vae import (Decoder, Encoder, load_digits_binary, matched_inference_network,  # noqa: E402
-                              numpyro_vae_heldout_elbo, numpyro_vae_log_likelihood, numpyro_vae_log_weights,
-                              train_numpyro_vae, vae, vae_guide, vae_numpyro)
+from jaxic.models.vae import Decoder, Encoder, vae, vae_guide, vae_numpyro  # noqa: E402
 
-__all__ += ["load_digits_binary", "Decoder", "Encoder", "vae", "vae_numpyro", "vae_guide", "train_numpyro_vae",
-            "numpyro_vae_log_weights", "numpyro_vae_heldout_elbo", "numpyro_vae_log_likelihood",
-            "matched_inference_network"]
+__all__ += ["Decoder", "Encoder", "vae", "vae_numpyro", "vae_guide"]

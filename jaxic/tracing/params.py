@@ -15,7 +15,7 @@ from numpyro import handlers
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 
-from jaxic.tracing.spec import _JIT_FAILURES
+from jaxic.tracing.spec import JIT_FAILURES
 
 
 def find_model_params(model: Callable, key: jax.Array | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -40,7 +40,7 @@ def find_model_params(model: Callable, key: jax.Array | None = None) -> tuple[di
     try:
         # One compiled run rather than an eager one: eager runs compile every operation of the model separately.
         values = jax.jit(initial)(key)
-    except _JIT_FAILURES:  # Python control flow on sampled values (the universal path): run it eagerly
+    except JIT_FAILURES:  # Python control flow on sampled values (the universal path): run it eagerly
         support.clear()
         values = initial(key)
     return values, support

@@ -26,7 +26,8 @@ from numpyro.primitives import Messenger
 from jaxic.errors import JaxicError, ModelError, ObservationError, UnsupportedDistributionError, UntraceableModelError
 from jaxic.tracing import limits
 
-_JIT_FAILURES = (
+# What jax raises when a model branches in Python on a traced value (the universal path's cue).
+JIT_FAILURES = (
     jax.errors.ConcretizationTypeError,
     jax.errors.TracerBoolConversionError,
     jax.errors.TracerIntegerConversionError,
@@ -286,7 +287,15 @@ def _encoded_site(name: str, fn, value, offset: int, propose: bool) -> LatentSit
                       False, 0, 0, offset, propose=propose)
 
 
-def _latent_site(name: str, msg: dict, offset: int) -> LatentSite:
+def latent_site(name: str, msg: dict, offset: int) -> LatentSite:
+    """The :class:`LatentSite` of one traced sample message, its tokens starting at ``offset``.
+
+    A site that cannot be encoded for a head but is drawn from its prior
+    (``infer={"jaxic": {"propose": False}}``) becomes a raw token.
+
+    Example:
+        >>> site = latent_site("x", trace["x"], 0)
+    """
     fn = innermost_distribution(msg["fn"])
     value = jnp.asarray(msg["value"])
     propose = _wants_proposal(name, msg)
@@ -301,8 +310,12 @@ def _latent_site(name: str, msg: dict, offset: int) -> LatentSite:
                       False, 0, 0, offset, propose=False, raw=True)
 
 
-def _user_frame(exc: BaseException) -> str:
-    """The innermost traceback frame of the user's code: where the model failed."""
+def user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame of the user's code: where the model failed.
+
+    Example:
+        >>> raise ModelError(f"the model raised {type(exc).__name__} (at {user_frame(exc)})")
+    """
     return limits.user_frame(exc)
 
 
@@ -334,9 +347,9 @@ def check_jittable(model: Callable) -> None:
     try:
         jax.eval_shape(lambda k: {n: s["value"] for n, s in run_model(model, k).items()
                                   if s["type"] == "sample"}, jax.random.key(0))
-    except _JIT_FAILURES as exc:
+    except JIT_FAILURES as exc:
         raise UntraceableModelError(
-            f"the model cannot run under jax.jit: {type(exc).__name__} at {_user_frame(exc)}. "
+            f"the model cannot run under jax.jit: {type(exc).__name__} at {user_frame(exc)}. "
             "This happens when Python control flow (if/while/int()) depends on a sampled value. "
             "Rewrite the branch with jnp.where, numpyro.contrib.control_flow.cond, or numpyro.handlers.mask "
             "so that every potential site runs and a mask says which executed."
@@ -362,7 +375,7 @@ def derive_trace_spec(model: Callable, observed: Sequence[str], key: jax.Array |
     except JaxicError:
         raise
     except Exception as exc:  # the user's code failed: say where
-        raise ModelError(f"the model raised {type(exc).__name__}: {exc} (at {_user_frame(exc)})") from exc
+        raise ModelError(f"the model raised {type(exc).__name__}: {exc} (at {user_frame(exc)})") from exc
     samples = {n: s for n, s in trace.items() if s["type"] == "sample"}
     check_observed(samples, observed)
     latents = _lay_out(samples, observed, recorder.groups)
@@ -416,7 +429,7 @@ def _lay_out(samples: dict, observed: Sequence[str], scan_groups: Sequence[tuple
         if name in done:
             continue
         members = [n for n in group_of.get(name, (name,)) if n in latent_names]
-        sites = [_latent_site(n, samples[n], 0) for n in members]
+        sites = [latent_site(n, samples[n], 0) for n in members]
         if name in group_of:
             length = sites[0].batch_shape[0]
             stride = sum(s.num_tokens // length for s in sites)

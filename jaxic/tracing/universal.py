@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxic.errors import JaxicError, ModelError
 from jaxic.tracing.limits import PILOT_MIN_SITES, limit_sites, resolve_timeout, time_limit, user_frame
-from jaxic.tracing.spec import (LatentSite, ObservedSite, TraceSpec, _latent_site, as_tokens, check_observed,
+from jaxic.tracing.spec import (LatentSite, ObservedSite, TraceSpec, as_tokens, check_observed, latent_site,
                                 run_model, site_mask)
 from jaxic.tracing.traces import Tokens
 
@@ -98,7 +98,7 @@ def derive_universal_spec(model: Callable, observed: Sequence[str], key: jax.Arr
                                  f"{shape}); jaxic needs a fixed observation shape (pad it and observe a mask).")
         length = 0
         for name, msg in _latent_messages(trace, observed):
-            site = _latent_site(name, msg, 0)
+            site = latent_site(name, msg, 0)
             known = sites.setdefault(name, site)
             if known != site:
                 raise ModelError(f"site '{name}' changes between runs ({known.dist_type} {known.batch_shape} vs "

@@ -1,7 +1,8 @@
 """Helpers for benchmarks and notebooks that compare proposal networks under equal budgets.
 
 Used by ``benchmarks/attention_vs_lstm.py`` and ``notebooks/04_attention_vs_lstm.ipynb``
-(the pedagogical experiment of *Attention for Inference Compilation*, Harvey et al. 2019):
+(the pedagogical experiment of *Attention for Inference Compilation*, Harvey et al. 2019).
+Public jaxic functions only:
 
 * :func:`train_for`: train a :class:`jaxic.CompiledModel` for a wall-clock budget or a number of
   steps, with the compilation of the training step timed separately;
@@ -13,6 +14,7 @@ Used by ``benchmarks/attention_vs_lstm.py`` and ``notebooks/04_attention_vs_lstm
 * :func:`plot_sweep`: the three panels of the attention-vs-LSTM figure (needs matplotlib).
 
 Example:
+    >>> from benchmarks.pedagogical_metrics import circle_mass, heldout_loss, importance_metrics, train_for
     >>> compiled = jaxic.compile(pedagogical, ["obs"], jax.random.key(0), num_steps=0, model_kwargs={"M": 20},
     ...                          network="lstm", progress=False)
     >>> report = train_for(compiled, seconds=60)          # 60 s of training after a timed warm-up
@@ -22,45 +24,43 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
-from flax import nnx
+
+import jaxic.proposal
 
 __all__ = ["train_for", "heldout_log_q", "heldout_loss", "importance_metrics", "circle_mass", "prior_ess_fraction",
            "plot_sweep"]
-
-_NEVER = 2**62  # validation_every while train_for runs: validate only at the end of each chunk
 
 
 def train_for(compiled, seconds: float | None = None, steps: int | None = None, *, warmup: bool = True,
               chunk_seconds: float | None = None, clock: Callable[[], float] = time.perf_counter) -> dict:
     """Train ``compiled`` for ``seconds`` of wall-clock time or for ``steps`` optimisation steps.
 
-    Training runs in chunks of :meth:`jaxic.CompiledModel.train` calls. With ``warmup`` (default)
-    the first call runs one compiled chunk (``train_config.steps_per_call`` steps): its time,
-    which includes tracing and XLA compilation of the training step and of the validation loss,
-    is reported as ``compile_s`` and is *not* part of the time budget; its steps count in
+    Training runs in chunks of ``compiled.train(n, validate=False)`` calls, each followed by one
+    :meth:`jaxic.CompiledModel.validation_loss` (the learning curve); ``compiled`` is not
+    otherwise changed. With ``warmup`` (default) the first chunk is one compiled call
+    (``train_config.steps_per_call`` steps): its time and that of the first held-out evaluation,
+    which include tracing and XLA compilation of the training step and of the validation loss,
+    are reported as ``compile_s`` and are *not* part of the time budget; its steps count in
     ``steps``. In time mode, chunk sizes then follow the measured step rate: the first timed chunk
     is one ``steps_per_call``, later ones at most double and take about ``chunk_seconds`` (default
     a twentieth of the budget); the last one is sized to end the budget, which is met to within
-    half a ``steps_per_call``. The held-out loss is evaluated at the end of each chunk only and
-    recorded in ``curve``; its time, measured once before training (``validation_s``), is
-    subtracted from each chunk's, so the budget counts optimisation only (this matters for long
-    traces, where one evaluation of the 1024 held-out traces costs several steps). In step mode
-    ``steps`` is the total, warm-up included, in about 20 chunks.
+    half a ``steps_per_call``. Only the ``train`` calls count towards the budget (``train``
+    returns once its losses are read, so the clock is honest): held-out evaluations are outside
+    it, which matters for long traces, where one evaluation of the 1024 held-out traces costs
+    several steps. In step mode ``steps`` is the total, warm-up included, in about 20 chunks.
 
     For a time budget that does not depend on a planned horizon, compile with ``num_steps=0``:
     the default optimizer then keeps a constant learning rate after its warm-up.
 
     Returns a dict: ``steps`` (done in this call, warm-up included), ``warmup_steps``,
-    ``compile_s`` (wall time of the warm-up call), ``train_s`` (training time of the rest, held-out
-    evaluations excluded), ``wall_s`` (their wall time, evaluations included), ``validation_s`` (one
+    ``compile_s`` (wall time of the warm-up chunk and its evaluation), ``train_s`` (training time
+    of the rest), ``wall_s`` (their wall time, evaluations included), ``validation_s`` (one
     evaluation), ``traces_per_s`` (``batch_size * (steps - warmup_steps) / train_s``), ``budget``
     (``{"seconds": ...}`` or ``{"steps": ...}``) and ``curve``, a list of ``[seconds, step, held-out
     loss]`` after each chunk (training seconds since the end of the warm-up).
@@ -81,49 +81,45 @@ def train_for(compiled, seconds: float | None = None, steps: int | None = None, 
     if steps == 0:
         return report
     per_call = compiled.train_config.steps_per_call
-    saved = compiled.train_config
-    compiled.train_config = dataclasses.replace(saved, validation_every=_NEVER)
-    try:
-        if warmup:
-            n = per_call if steps is None else min(per_call, steps)
-            start = clock()
-            compiled.train(n, progress=False)  # returns after the validation loss is read: synchronised
-            report["compile_s"] = clock() - start
-            report["warmup_steps"] = report["steps"] = n
-            report["curve"].append([0.0, compiled.step, float(compiled.history["validation_loss"][-1])])
-        if not warmup:
-            compiled.validation_loss()  # compiles the evaluation outside the timing below
+    if warmup:
+        n = per_call if steps is None else min(per_call, steps)
         start = clock()
-        compiled.validation_loss()
-        report["validation_s"] = validation_s = clock() - start
-        chunk_steps = max(per_call, math.ceil((steps or 0) / 20 / per_call) * per_call)
-        target = chunk_seconds if chunk_seconds is not None else (seconds or 0.0) / 20
-        elapsed, wall, rate, last = 0.0, 0.0, None, 0
-        while True:
-            if steps is not None:
-                n = min(chunk_steps, steps - report["steps"])
-                if n <= 0:
-                    break
+        compiled.train(n, progress=False, validate=False)
+        loss = compiled.validation_loss()
+        report["compile_s"] = clock() - start
+        report["warmup_steps"] = report["steps"] = n
+        report["curve"].append([0.0, compiled.step, loss])
+    else:
+        compiled.validation_loss()  # compiles the evaluation outside the timing below
+    start = clock()
+    compiled.validation_loss()
+    report["validation_s"] = clock() - start
+    chunk_steps = max(per_call, math.ceil((steps or 0) / 20 / per_call) * per_call)
+    target = chunk_seconds if chunk_seconds is not None else (seconds or 0.0) / 20
+    elapsed, wall, rate, last = 0.0, 0.0, None, 0
+    while True:
+        if steps is not None:
+            n = min(chunk_steps, steps - report["steps"])
+            if n <= 0:
+                break
+        else:
+            left = seconds - elapsed
+            if left <= 0 or (rate is not None and left * rate < per_call / 2):
+                break
+            if rate is None:
+                n = per_call
             else:
-                left = seconds - elapsed
-                if left <= 0 or (rate is not None and left * rate < per_call / 2):
-                    break
-                if rate is None:
-                    n = per_call
-                else:
-                    wanted = min(left * rate, max(target * rate, per_call), 2 * last)
-                    n = max(per_call, int(round(wanted / per_call)) * per_call)
-            start = clock()
-            compiled.train(n, progress=False)
-            dt = clock() - start
-            wall += dt
-            dt = max(dt - validation_s, 1e-9)
-            elapsed += dt
-            rate, last = n / dt, n
-            report["steps"] += n
-            report["curve"].append([elapsed, compiled.step, float(compiled.history["validation_loss"][-1])])
-    finally:
-        compiled.train_config = saved
+                wanted = min(left * rate, max(target * rate, per_call), 2 * last)
+                n = max(per_call, int(round(wanted / per_call)) * per_call)
+        start = clock()
+        compiled.train(n, progress=False, validate=False)
+        dt = max(clock() - start, 1e-9)
+        loss = compiled.validation_loss()
+        wall += clock() - start
+        elapsed += dt
+        rate, last = n / dt, n
+        report["steps"] += n
+        report["curve"].append([elapsed, compiled.step, loss])
     report["train_s"], report["wall_s"] = elapsed, wall
     timed = report["steps"] - report["warmup_steps"]
     if elapsed > 0:
@@ -131,54 +127,58 @@ def train_for(compiled, seconds: float | None = None, steps: int | None = None, 
     return report
 
 
-@functools.lru_cache(maxsize=32)
-def _per_token_log_q(graphdef) -> Callable:
-    def run(params, statistics, observations, tokens):
-        network = nnx.merge(graphdef, params, statistics)
-        return jax.vmap(network.log_prob)(observations, tokens)
+# Jitted once here; the proposal's structure is static, so each network structure compiles once.
+_per_token_log_q = jax.jit(lambda proposal, tokens, observations: jax.vmap(proposal.network.log_prob)(
+    observations, tokens))
+_log_prob_tokens = jax.jit(jaxic.proposal.log_prob_tokens)
 
-    return jax.jit(run)
+
+def _in_batches(compiled, batch_size: int, score: Callable) -> np.ndarray:
+    """``score(proposal, tokens, observations)`` over ``compiled.validation`` in batches of ``batch_size`` traces."""
+    tokens, observations = compiled.validation
+    total = jax.tree.leaves(tokens)[0].shape[0]
+    batch_size = max(1, min(batch_size, total))
+    proposal = compiled.proposal
+    out = []
+    for start in range(0, total, batch_size):
+        index = np.arange(start, start + batch_size) % total  # the last batch wraps round: one shape, one compile
+        batch_tokens, batch_obs = jax.tree.map(lambda a: a[index], (tokens, observations))
+        out.append(np.asarray(score(proposal, batch_tokens, batch_obs))[: min(batch_size, total - start)])
+    return np.concatenate(out)
 
 
 def heldout_log_q(compiled, batch_size: int = 256) -> np.ndarray:
     """Per-token ``log q(x_t | x_<t, obs)`` of the held-out joint samples ``compiled.validation``.
 
     Shape ``(num_traces, num_tokens)``; zero for tokens that did not run or are not proposed.
-    Evaluated in batches of ``batch_size`` traces with one jitted function per network structure.
+    Scored by the network of ``compiled.proposal`` (``proposal.network.log_prob``, one trace at
+    a time, vmapped), in batches of ``batch_size`` traces.
 
     Example:
         >>> log_q = heldout_log_q(compiled)                     # (1024, M + 2) for pedagogical(M)
         >>> -log_q.sum(-1).mean()                               # == compiled.validation_loss()
     """
-    tokens, observations = compiled.validation
-    total = jax.tree.leaves(tokens)[0].shape[0]
-    batch_size = max(1, min(batch_size, total))
-    run = _per_token_log_q(compiled.graphdef)
-    out = []
-    for start in range(0, total, batch_size):
-        index = np.arange(start, start + batch_size) % total  # the last batch wraps round: one shape, one compile
-        batch = jax.tree.map(lambda a: a[index], (tokens, observations))
-        log_q = run(compiled.state.params, compiled.statistics, batch[1], batch[0])
-        out.append(np.asarray(log_q)[: min(batch_size, total - start)])
-    return np.concatenate(out)
+    return _in_batches(compiled, batch_size, _per_token_log_q)
 
 
 def heldout_loss(compiled, sites: Sequence[str] | None = None, batch_size: int = 256) -> float:
     """Mean held-out ``-log q`` of the named latent sites (all of them with ``sites=None``).
 
     The mean runs over ``compiled.validation``'s joint samples; a trace contributes
-    ``-sum log q`` over the tokens of ``sites``. With ``sites=None`` this is the forward-KL
-    training loss on held-out data (:meth:`jaxic.CompiledModel.validation_loss`, up to float error).
+    ``-sum log q`` over the tokens of ``sites``. With ``sites=None`` this is
+    ``-jaxic.proposal.log_prob_tokens(...)`` averaged, the forward-KL training loss on held-out
+    data (:meth:`jaxic.CompiledModel.validation_loss`, up to float error).
 
     Example:
         >>> heldout_loss(compiled, sites=["x", "y"])   # pedagogical: -log q(x, y | obs), nuisance sites left out
         >>> heldout_loss(compiled)                     # the whole trace
     """
+    if sites is None:
+        return float(-_in_batches(compiled, batch_size, _log_prob_tokens).mean())
     log_q = heldout_log_q(compiled, batch_size)
-    if sites is not None:
-        tokens, _ = compiled.validation
-        addresses = np.asarray([compiled.spec.address_of(name) for name in sites])
-        log_q = np.where(np.isin(np.asarray(tokens.address), addresses), log_q, 0.0)
+    tokens, _ = compiled.validation
+    addresses = np.asarray([compiled.spec.address_of(name) for name in sites])
+    log_q = np.where(np.isin(np.asarray(tokens.address), addresses), log_q, 0.0)
     return float(-log_q.sum(-1).mean())
 
 
