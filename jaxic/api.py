@@ -25,7 +25,8 @@ from jaxic.heads import head_for_site
 from jaxic.inference import Posterior, importance_sample
 from jaxic.inference.importance import EagerDecoder, importance_sample_eager
 from jaxic.networks import NETWORKS, FeedForwardConfig, ProposalStatistics, TransformerConfig, proposal_statistics
-from jaxic.objectives import OBJECTIVES, ForwardKL, LocalPlate, forward_kl_loss
+from jaxic import objectives
+from jaxic.objectives import OBJECTIVES, LocalPlate, forward_kl_loss
 from jaxic.tracing import (ParameterisedModel, abstract_trace, TraceDataset, TraceSpec, derive_trace_spec, derive_universal_spec,
                            find_model_params, sample_joint, sample_universal)
 
@@ -74,13 +75,13 @@ class CompiledModel:
         # With local amortization the proposal (and inference) sees one element of the plate.
         self._bound = plate.element_model(self._full_model, 0) if plate is not None else self._full_model
         self.param_constraints = dict(param_constraints or {})
-        self.objective = ForwardKL(spec=spec) if objective is None else objective
+        self.objective = objectives.resolve(objective)
         self.data = None if data is None else {k: jnp.asarray(v, jnp.float32) for k, v in data.items()}
         self.spec = spec
         self.network_config = network_config
         self.train_config = train_config
         self.graphdef, params, statistics = nnx.split(network, nnx.Param, ...)
-        self.optimizer = training.guard(optimizer)
+        self.optimizer = training.guard(optimizer, trains_model=self.objective.trains_model)
         self.compile_key = key
         self.state = training.init(params, statistics, self.optimizer, jax.random.split(key, 4)[3], model_params)
         self.validation = validation
@@ -89,10 +90,10 @@ class CompiledModel:
         self._batches = None
         self._setup_devices(devices)
         if self.path == "masked":
-            # Data objectives pick their own plate elements; the others train on one element.
-            objective_model = self._full_model if self.objective.needs_data else self._bound
+            # The objective picks plate elements itself (data objectives) or trains on one element.
             step = training.build_step(self.graphdef, self.objective, self.optimizer, train_config.batch_size,
-                                       objective_model, self.param_constraints, train_config.microbatch_size)
+                                       self._full_model, self.param_constraints, train_config.microbatch_size,
+                                       plate=self.plate, sharding=self.batch_sharding)
             placement = {} if self.mesh is None else {"out_shardings": parallel.replicated(self.mesh)}
             self._multi_step = jax.jit(training.build_multi_step(step, train_config.steps_per_call), **placement)
         else:
@@ -108,6 +109,7 @@ class CompiledModel:
         """Data parallelism (``devices=``): batch split over a mesh, everything else replicated on it."""
         devices = parallel.resolve_devices(devices)
         self.mesh = None if devices is None else parallel.data_mesh(devices)
+        self.batch_sharding = None
         if self.mesh is None:
             return
         if self.path != "masked":
@@ -116,7 +118,7 @@ class CompiledModel:
         parallel.check_divisible(self.train_config.batch_size, self.mesh, "batch_size")
         if self.train_config.microbatch_size is not None:
             parallel.check_divisible(self.train_config.microbatch_size, self.mesh, "microbatch_size")
-        self.objective = dataclasses.replace(self.objective, batch_sharding=parallel.batch_sharding(self.mesh))
+        self.batch_sharding = parallel.batch_sharding(self.mesh)
         self.state = parallel.replicate(self.state, self.mesh)
         self.validation = parallel.replicate(self.validation, self.mesh)
         if self.data is not None:
@@ -211,7 +213,7 @@ class CompiledModel:
     def _run_steps(self, active: int) -> tuple[np.ndarray, np.ndarray]:
         if self.path == "masked":
             if self.objective.needs_data and self.data is None:
-                raise JaxicError(f"the {type(self.objective).__name__} objective trains on real observations: pass "
+                raise JaxicError(f"the {self.objective.name} objective trains on real observations: pass "
                                  "data={site: array with one row per data point} to jaxic.compile / jaxic.load.")
             self.state, info = self._multi_step(self.state, active, self.data)
             return np.asarray(info.loss)[:active], np.asarray(info.skipped)[:active]
@@ -339,25 +341,7 @@ PATHS = ("auto", "masked", "universal")
 
 
 def _objective_metadata(objective) -> dict:
-    name = {v: k for k, v in OBJECTIVES.items()}[type(objective)]
-    options = {f.name: getattr(objective, f.name) for f in dataclasses.fields(objective)
-               if f.name not in ("spec", "plate", "batch_sharding")}
-    return {"name": name, "options": options}
-
-
-def _resolve_objective(objective):
-    """An objective from its name or instance (without its spec yet)."""
-    if objective is None:
-        return ForwardKL()
-    if isinstance(objective, str):
-        if objective not in OBJECTIVES:
-            raise JaxicError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)} or pass an "
-                             "instance such as jaxic.objectives.ELBO(num_particles=4).")
-        return OBJECTIVES[objective]()
-    if type(objective) not in OBJECTIVES.values():
-        raise JaxicError(f"objective must be a name in {sorted(OBJECTIVES)} or an instance of "
-                         f"{[c.__name__ for c in OBJECTIVES.values()]}, got {objective!r}.")
-    return objective
+    return {"name": objective.name, "options": dict(objective.options)}
 
 
 def _local_plate(bound: Callable, name: str, observed: Sequence[str]) -> LocalPlate:
@@ -398,6 +382,7 @@ def _check_data(data: Mapping | None, spec: TraceSpec, plate: LocalPlate | None)
                                    f"{plate.size} in the model; pass the data size to the model (e.g. "
                                    "model_kwargs={'num_data': len(x)}).")
         out[name] = jnp.asarray(value)
+    objectives.check_data_finite(out)
     if len({v.shape[0] for v in out.values()}) > 1:
         raise ObservationError(f"data arrays disagree on the number of data points: "
                                f"{ {k: v.shape[0] for k, v in out.items()} }.")
@@ -429,9 +414,9 @@ def _build(model, model_args, model_kwargs, observed, key, network_config, train
     full = _bind(model, model_args, model_kwargs)
     plate = _local_plate(full, local_plate, observed) if local_plate is not None else None
     bound = plate.element_model(full, 0) if plate is not None else full
-    objective = _resolve_objective(objective)
+    objective = objectives.resolve(objective)
     if objective.needs_data and (dataset is not None or path == "universal"):
-        raise JaxicError(f"the {type(objective).__name__} objective runs the proposal alongside the model on real "
+        raise JaxicError(f"the {objective.name} objective runs the proposal alongside the model on real "
                          "data, which needs the masked path: no dataset=, no path='universal'.")
     init_key, stats_key, validation_key, _ = jax.random.split(key, 4)  # the last one trains
     if spec is None:
@@ -439,7 +424,6 @@ def _build(model, model_args, model_kwargs, observed, key, network_config, train
             bound, observed, "masked" if (plate is not None or objective.needs_data) else path, stats_key,
             pilot_traces, max_tokens)
     data = _check_data(data, spec, plate)
-    objective = dataclasses.replace(objective, spec=spec, **({"plate": plate} if hasattr(objective, "plate") else {}))
     model_params, param_constraints = find_model_params(full, init_key)
     if dataset is not None:
         validation = jax.tree.map(jnp.asarray, dataset.validation())
@@ -511,7 +495,7 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
             the longest trace (in tokens) the proposal handles (default: 25% above the pilots').
         objective: ``"forward_kl"`` (default), ``"elbo"`` (amortized variational inference; reparameterised
             and score-function gradients), ``"rws"`` (reweighted wake-sleep), or an instance from
-            ``jaxic.objectives`` with options, e.g. ``ELBO(num_particles=4)``.
+            ``jaxic.objectives`` with options, e.g. ``jaxic.objectives.elbo(num_particles=4)``.
         data: for ``"elbo"``/``"rws"``: per observed site an array with one row per data point
             (each step uses a random minibatch of ``batch_size`` rows).
         local_plate: name of a plate holding every site of the model (one data point each): the
