@@ -117,7 +117,9 @@ def init(params, statistics, optimizer: optax.GradientTransformation, key: jax.A
     Example:
         >>> state = init(params, statistics, optimizer, jax.random.key(0), model_params)
     """
-    model_params = {} if model_params is None else model_params
+    # Strong types: a weakly typed initial value (numpyro.param("theta", 0.3)) would come back
+    # strongly typed from the first update and make the jitted step trace a second time.
+    model_params = jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), {} if model_params is None else model_params)
     return TrainState(params, statistics, optimizer.init((params, model_params)), jnp.zeros((), jnp.int32), key,
                       model_params)
 

@@ -112,7 +112,8 @@ def test_trains_model_false_keeps_model_params_whatever_the_optimizer(compiled):
     unguarded = training.default_optimizer(0, warmup_steps=1, decay_model_params=True)
     state = training.init(compiled.state.params, compiled.state.statistics, unguarded, jax.random.key(1),
                           compiled.state.model_params)
-    step = jax.jit(training.build_step(compiled.graphdef, objectives.forward_kl(), unguarded, BATCH, compiled.model))
+    step = jax.jit(training.build_step(compiled.graphdef, objectives.forward_kl(), unguarded, BATCH, compiled.model,
+                                       compiled.param_constraints))
     for _ in range(3):
         state, info = step(state)
     assert np.isfinite(float(info.loss))
