@@ -378,7 +378,7 @@ def profile_step(M: int, repeats: int = 7, peak: float | None = None, max_rows: 
     tokens, observations = draw(jax.random.key(1))
 
     def loss(trainable, stats, tokens, observations):
-        return forward_kl_loss(nnx.merge(compiled.graphdef, trainable[0], stats), tokens, observations)
+        return forward_kl_loss(nnx.merge(compiled.graphdef, trainable[0], stats), tokens, observations)[0]
 
     trainable = (state.params, state.model_params)
     args = (trainable, state.statistics, tokens, observations)

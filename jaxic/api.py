@@ -28,7 +28,8 @@ from jaxic import validation as checks
 from jaxic.errors import CheckpointError, JaxicError, ModelError, ObservationError
 from jaxic.inference import Posterior
 from jaxic.networks import NETWORKS
-from jaxic.objectives import OBJECTIVES, ForwardKL, forward_kl_loss
+from jaxic import objectives
+from jaxic.objectives import OBJECTIVES, forward_kl_loss
 from jaxic.tracing import TraceDataset, TraceSpec, derive_trace_spec, sample_universal
 
 
@@ -135,7 +136,7 @@ class CompiledModel:
                           "schedule was built for: the rate stays at 5% of its peak from there on. Compile with "
                           "the total num_steps (or num_steps=0 for a constant rate) to avoid this.", stacklevel=2)
         if self.objective.needs_data and self.data is None:
-            raise JaxicError(f"the {type(self.objective).__name__} objective trains on real observations: pass "
+            raise JaxicError(f"the {self.objective.name} objective trains on real observations: pass "
                              "data={site: array with one row per data point} to jaxic.compile / jaxic.load.")
         bar = tqdm(total=num_steps, disable=not progress, desc="compiling proposal" + (
             f" ({self.path} path)" if self.path != "masked" else ""), unit="step")
@@ -147,14 +148,20 @@ class CompiledModel:
 
     def _train_chunks(self, num_steps, seconds, validate, bar, saver) -> None:
         cfg, start, done, since_validation, postfix = self.train_config, time.monotonic(), 0, 0, {}
+        dropped, dropped_sites = 0, []
         while (num_steps is None or done < num_steps) and (seconds is None or time.monotonic() - start < seconds):
             active = cfg.steps_per_call if num_steps is None else min(cfg.steps_per_call, num_steps - done)
             state, info = self.loop.run(self.state, active, self.data)
             loss, skipped = np.asarray(info.loss), np.asarray(info.skipped)  # waits for the chunk
+            metrics = {name: np.asarray(value).tolist() for name, value in info.metrics.items()}
             with _interrupts_deferred():  # state and history change together or not at all
                 self.state = state
                 self.history["loss"].extend(loss.tolist())
                 self.history["skipped"].extend((np.flatnonzero(skipped) + self.step - active).tolist())
+                for name, values in metrics.items():  # the objective's own: dropped draws, ELBO, ESS, ...
+                    self.history.setdefault(name, []).extend(values)
+            dropped += int(np.sum(metrics.get("dropped", 0)))
+            dropped_sites += metrics.get("dropped_site", [])
             done, since_validation = done + active, since_validation + active
             last = num_steps is not None and done == num_steps
             if validate and (since_validation >= cfg.validation_every or last):
@@ -164,12 +171,17 @@ class CompiledModel:
             postfix["loss"] = f"{finite.mean():.3f}" if finite.size else "nan"
             if self.history["skipped"]:
                 postfix["skipped"] = len(self.history["skipped"])
+            if dropped:
+                postfix["dropped"] = dropped
             bar.set_postfix(postfix, refresh=False)
             bar.update(active)
             if saver is not None and self.step // self.checkpoint_every > (self.step - active) // self.checkpoint_every:
                 saver.save(self.step, _state_arrays(self.state), self.checkpoint_metadata())
         if validate and done and self.history["validation_step"][-1:] != [self.step]:  # a time budget ended it
             bar.set_postfix({**postfix, "val": f"{self._record_validation():.3f}"})
+        message = objectives.drop_warning(self.spec, dropped, done * cfg.batch_size, dropped_sites)
+        if message:
+            warnings.warn(message, stacklevel=3)
         if saver is not None and done and saver.latest_step() != self.step:
             saver.save(self.step, _state_arrays(self.state), self.checkpoint_metadata())
 
@@ -289,27 +301,9 @@ def _state_from_arrays(like: training.TrainState, arrays: list) -> training.Trai
     return state._replace(key=jax.random.wrap_key_data(state.key))
 
 
-def objective_metadata(objective) -> dict:
-    """An objective's name and options, as saved in checkpoints."""
-    name = {v: k for k, v in OBJECTIVES.items()}[type(objective)]
-    options = {f.name: getattr(objective, f.name) for f in dataclasses.fields(objective)
-               if f.name not in ("spec", "plate", "batch_sharding")}
-    return {"name": name, "options": options}
-
-
-def _resolve_objective(objective):
-    """An objective from its name or instance (without its spec yet)."""
-    if objective is None:
-        return ForwardKL()
-    if isinstance(objective, str):
-        if objective not in OBJECTIVES:
-            raise JaxicError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)} or pass an "
-                             "instance such as jaxic.objectives.ELBO(num_particles=4).")
-        return OBJECTIVES[objective]()
-    if type(objective) not in OBJECTIVES.values():
-        raise JaxicError(f"objective must be a name in {sorted(OBJECTIVES)} or an instance of "
-                         f"{[c.__name__ for c in OBJECTIVES.values()]}, got {objective!r}.")
-    return objective
+def objective_metadata(objective: objectives.Objective) -> dict:
+    """An objective's name and options, as saved in checkpoints (``OBJECTIVES[name](**options)`` rebuilds it)."""
+    return {"name": objective.name, "options": dict(objective.options)}
 
 
 def _assemble(model, model_args, model_kwargs, observed, key, network, train_config: TrainConfig, optimizer,
@@ -318,9 +312,9 @@ def _assemble(model, model_args, model_kwargs, observed, key, network, train_con
               objective=None, data: Mapping | None = None, local_plate: str | None = None,
               devices: Any = None, **limits) -> CompiledModel:
     """Proposal, objective, optimizer, training loop and validation set of a compiled model."""
-    objective = _resolve_objective(objective)
+    objective = objectives.resolve(objective)
     if objective.needs_data and (dataset is not None or path == "universal"):
-        raise JaxicError(f"the {type(objective).__name__} objective runs the proposal alongside the model on real "
+        raise JaxicError(f"the {objective.name} objective runs the proposal alongside the model on real "
                          "data, which needs the masked path: no dataset=, no path='universal'.")
     devices = parallel.resolve_devices(devices)
     proposal = core.init(model, observed, key, network=network, model_args=model_args, model_kwargs=model_kwargs,
@@ -338,11 +332,9 @@ def _assemble(model, model_args, model_kwargs, observed, key, network, train_con
         parallel.check_divisible(train_config.batch_size, mesh, "batch_size")
         if train_config.microbatch_size is not None:
             parallel.check_divisible(train_config.microbatch_size, mesh, "microbatch_size")
-    objective = dataclasses.replace(objective, spec=proposal.spec,
-                                    **({"plate": proposal.plate} if hasattr(objective, "plate") else {}),
-                                    **({} if mesh is None else {"batch_sharding": parallel.batch_sharding(mesh)}))
     optimizer = training.guard(optimizer if optimizer is not None else
-                               training.default_optimizer(train_config.num_steps, train_config.learning_rate))
+                               training.default_optimizer(train_config.num_steps, train_config.learning_rate),
+                               trains_model=objective.trains_model)
     validation_key = jax.random.split(key, 4)[2]
     if dataset is not None:
         validation = dataset.validation()
@@ -360,11 +352,11 @@ def _assemble(model, model_args, model_kwargs, observed, key, network, train_con
             lambda state: sample_universal(spec, bound, jax.random.fold_in(state.key, 1), size))
         loop = loops.FedSteps(training.build_batch_step(proposal.graphdef, forward_kl_loss, optimizer), next_batch)
     else:
-        # Data objectives pick their own plate elements: they run the whole model.
-        full = core.bind(model, model_args, model_kwargs)
+        # The objective picks plate elements itself (data objectives) or trains on one element.
         step = training.build_step(proposal.graphdef, objective, optimizer, train_config.batch_size,
-                                   full if objective.needs_data else proposal.model,
-                                   dict(proposal.param_constraints), train_config.microbatch_size)
+                                   core.bind(model, model_args, model_kwargs), dict(proposal.param_constraints),
+                                   train_config.microbatch_size, plate=proposal.plate,
+                                   sharding=None if mesh is None else parallel.batch_sharding(mesh))
         loop = loops.CompiledSteps(step, train_config.steps_per_call,
                                    None if mesh is None else parallel.replicated(mesh))
     return CompiledModel(proposal, objective, optimizer, train_config, loop, jax.tree.map(jnp.asarray, validation),
@@ -419,7 +411,7 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
             (default 10; 0 turns it off) stops with a :class:`jaxic.ModelError` naming the model's line.
         objective: ``"forward_kl"`` (default), ``"elbo"`` (amortized variational inference; reparameterised
             and score-function gradients), ``"rws"`` (reweighted wake-sleep), or an instance from
-            ``jaxic.objectives`` with options, e.g. ``ELBO(num_particles=4)``.
+            ``jaxic.objectives`` with options, e.g. ``jaxic.objectives.elbo(num_particles=4)``.
         data: for ``"elbo"``/``"rws"``: per observed site an array with one row per data point
             (each step uses a random minibatch of ``batch_size`` rows).
         local_plate: name of a plate holding every site of the model (one data point each): the

@@ -11,7 +11,7 @@ Across hosts, call ``jax.distributed.initialize()`` on every host first: ``jax.d
 
 Example:
     >>> mesh = data_mesh()                               # every device, axis "batch"
-    >>> objective = ForwardKL(spec=spec, batch_sharding=batch_sharding(mesh))
+    >>> step = build_step(graphdef, forward_kl(), optimizer, 64, model, sharding=batch_sharding(mesh))
     >>> state = replicate(state, mesh)
 """
 

@@ -31,7 +31,7 @@ from jaxic.heads import head_for_site
 from jaxic.inference import Posterior
 from jaxic.inference.importance import EagerDecoder, importance_sample_eager, sample_particles
 from jaxic.networks import FeedForwardConfig, ProposalStatistics, TransformerConfig, proposal_statistics
-from jaxic.objectives import LocalPlate
+from jaxic.objectives import LocalPlate, check_data_finite
 from jaxic.tracing import (ParameterisedModel, TraceDataset, TraceSpec, abstract_trace, derive_trace_spec,
                            derive_universal_spec, find_model_params, pack_trace, sample_joint, sample_universal,
                            trace_to_tokens)
@@ -162,6 +162,7 @@ def check_data(data: Mapping | None, spec: TraceSpec, plate: LocalPlate | None =
                                    f"{plate.size} in the model; pass the data size to the model (e.g. "
                                    "model_kwargs={'num_data': len(x)}).")
         out[name] = jnp.asarray(value)
+    check_data_finite(out)
     if len({v.shape[0] for v in out.values()}) > 1:
         raise ObservationError(f"data arrays disagree on the number of data points: "
                                f"{ {k: v.shape[0] for k, v in out.items()} }.")

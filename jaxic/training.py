@@ -4,14 +4,16 @@ The network is split once with ``nnx.split``; its trainable parameters travel
 through plain ``jax.jit``/``jax.grad`` and are merged back only inside the step.
 
 The model's own learnable parameters (``numpyro.param``, ``nnx_module``) train in the
-same step when the objective trains the model (the ELBO, reweighted wake-sleep).
+same step when the objective trains the model (the ELBO, reweighted wake-sleep); otherwise
+they stay bit-for-bit as they are (no update, no weight decay).
 
 Example:
     >>> graphdef, params, stats = nnx.split(network, nnx.Param, Statistic)
-    >>> optimizer = guard(default_optimizer(num_steps=1000))
+    >>> optimizer = guard(default_optimizer(num_steps=1000), trains_model=False)
     >>> state = init(params, stats, optimizer, jax.random.key(0))
-    >>> step = jax.jit(build_step(graphdef, ForwardKL(spec), optimizer, batch_size=64, model=model))
+    >>> step = jax.jit(build_step(graphdef, forward_kl(), optimizer, batch_size=64, model=model))
     >>> state, info = step(state)
+    >>> info.metrics["dropped"]   # non-finite joint draws left out of this step's loss
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import optax
 from flax import nnx
 
 from jaxic.errors import JaxicError
+from jaxic.objectives import Objective, resolve
 from jaxic.tracing.params import ParameterisedModel
 
 # Far above any real run: non-finite steps are skipped and counted, never applied.
@@ -43,30 +46,64 @@ class TrainInfo(NamedTuple):
     loss: jax.Array
     grad_norm: jax.Array
     skipped: jax.Array  # True where the loss or gradient was not finite and the update was dropped
+    # The objective's scalar metrics (keys: Objective.metrics; always "dropped" and "dropped_site").
+    metrics: dict = {}
+
+
+# Metrics that add up over micro-batches (the others are averaged; "dropped_site" is a site index).
+_COUNTS = ("dropped",)
+
+
+def _network_only(trainable):
+    """Mask of the (network params, model params) pair: True on the network's side only."""
+    if isinstance(trainable, tuple) and len(trainable) == 2:
+        params, model_params = trainable
+        return (jax.tree.map(lambda _: True, params), jax.tree.map(lambda _: False, model_params))
+    return jax.tree.map(lambda _: True, trainable)
+
+
+def _model_only(trainable):
+    params, model_params = trainable
+    return (jax.tree.map(lambda _: False, params), jax.tree.map(lambda _: True, model_params))
 
 
 def default_optimizer(num_steps: int, learning_rate: float = 3e-3, warmup_steps: int | None = None,
-                      clip_norm: float = 1.0) -> optax.GradientTransformation:
+                      clip_norm: float = 1.0, weight_decay: float = 1e-4,
+                      decay_model_params: bool = False) -> optax.GradientTransformation:
     """AdamW with linear warm-up and cosine decay to 5% of the peak over ``num_steps``.
 
-    ``num_steps=0`` (no planned horizon) keeps the peak rate after warm-up.
+    ``num_steps=0`` (no planned horizon) keeps the peak rate after warm-up. Weight decay applies
+    to the network's parameters only, unless ``decay_model_params=True`` (the model's own
+    ``numpyro.param`` values are estimates, not weights to shrink).
 
     Example:
         >>> optimizer = default_optimizer(num_steps=3000, learning_rate=1e-3)
     """
+    decay_mask = None if decay_model_params else _network_only
     if num_steps <= 0:
         warmup = 100 if warmup_steps is None else warmup_steps
         schedule = optax.linear_schedule(0.0, learning_rate, max(warmup, 1))
-        return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=1e-4))
-    warmup = min(200, max(num_steps // 10, 1)) if warmup_steps is None else warmup_steps
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=learning_rate, warmup_steps=warmup,
-        decay_steps=max(num_steps, warmup + 1), end_value=0.05 * learning_rate)
-    return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=1e-4))
+    else:
+        warmup = min(200, max(num_steps // 10, 1)) if warmup_steps is None else warmup_steps
+        schedule = optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=learning_rate, warmup_steps=warmup,
+            decay_steps=max(num_steps, warmup + 1), end_value=0.05 * learning_rate)
+    return optax.chain(optax.clip_by_global_norm(clip_norm),
+                       optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask))
 
 
-def guard(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
-    """Wrap an optimizer so that updates with non-finite gradients are skipped."""
+def guard(optimizer: optax.GradientTransformation, trains_model: bool = True) -> optax.GradientTransformation:
+    """Wrap an optimizer so that updates with non-finite gradients are skipped.
+
+    With ``trains_model=False`` the model's parameters (second half of the ``(params,
+    model_params)`` pair the training state optimises) get a zero update: no step and no weight
+    decay. Give the same wrapped optimizer to :func:`init` and :func:`build_step`.
+
+    Example:
+        >>> optimizer = guard(default_optimizer(1000), trains_model=forward_kl().trains_model)
+    """
+    if not trains_model:
+        optimizer = optax.chain(optimizer, optax.masked(optax.set_to_zero(), _model_only))
     return optax.apply_if_finite(optimizer, max_consecutive_errors=_MAX_CONSECUTIVE_NONFINITE)
 
 
@@ -76,13 +113,18 @@ def init(params, statistics, optimizer: optax.GradientTransformation, key: jax.A
 
     ``model_params``: the model's learnable parameters in unconstrained space
     (:func:`jaxic.tracing.find_model_params`), optimised jointly with the network.
+
+    Example:
+        >>> state = init(params, statistics, optimizer, jax.random.key(0), model_params)
     """
-    model_params = {} if model_params is None else model_params
+    # Strong types: a weakly typed initial value (numpyro.param("theta", 0.3)) would come back
+    # strongly typed from the first update and make the jitted step trace a second time.
+    model_params = jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), {} if model_params is None else model_params)
     return TrainState(params, statistics, optimizer.init((params, model_params)), jnp.zeros((), jnp.int32), key,
                       model_params)
 
 
-def _update(optimizer, state: TrainState, loss, grads, key) -> tuple[TrainState, TrainInfo]:
+def _update(optimizer, state: TrainState, loss, grads, key, metrics, trains_model: bool) -> tuple[TrainState, TrainInfo]:
     grad_norm = optax.tree.norm(grads)
     trainable = (state.params, state.model_params)
     updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
@@ -90,8 +132,30 @@ def _update(optimizer, state: TrainState, loss, grads, key) -> tuple[TrainState,
     skipped = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
     # apply_if_finite already zeroes the update; also keep the old params bit-for-bit.
     params, model_params = jax.tree.map(lambda n, o: jnp.where(skipped, o, n), new, trainable)
+    if not trains_model:  # whatever the optimizer does (e.g. weight decay), the model stays as it is
+        model_params = state.model_params
     new_state = TrainState(params, state.statistics, opt_state, state.step + 1, key, model_params)
-    return new_state, TrainInfo(loss, grad_norm, skipped)
+    return new_state, TrainInfo(loss, grad_norm, skipped, metrics)
+
+
+def combine_metrics(metrics: dict) -> dict:
+    """One step's metrics from per-slice ones (leading axis: micro-batches): counts add up,
+    ``dropped_site`` is that of the slice that dropped most, the rest are averaged.
+
+    Example:
+        >>> combine_metrics({"dropped": jnp.array([1, 0]), "dropped_site": jnp.array([2, -1])})["dropped_site"]
+        Array(2, dtype=int32)
+    """
+    out = {}
+    for name, value in metrics.items():
+        if name in _COUNTS:
+            out[name] = jnp.sum(value, axis=0).astype(value.dtype)
+        elif name == "dropped_site":
+            most = jnp.argmax(metrics["dropped"]) if "dropped" in metrics else jnp.argmax(value)
+            out[name] = value[most]
+        else:
+            out[name] = jnp.mean(value, axis=0)
+    return out
 
 
 def num_microbatches(batch_size: int, microbatch_size: int | None) -> int:
@@ -110,15 +174,20 @@ def num_microbatches(batch_size: int, microbatch_size: int | None) -> int:
     return batch_size // microbatch_size
 
 
-def build_step(graphdef, objective: Callable, optimizer: optax.GradientTransformation, batch_size: int,
+def build_step(graphdef, objective: Objective | str, optimizer: optax.GradientTransformation, batch_size: int,
                model: Callable | None = None, param_constraints: dict | None = None,
-               microbatch_size: int | None = None) -> Callable[..., tuple[TrainState, TrainInfo]]:
+               microbatch_size: int | None = None, *, plate=None,
+               sharding=None) -> Callable[..., tuple[TrainState, TrainInfo]]:
     """One optimisation step of ``objective``; pure, so jit, scan or shard it freely.
 
-    The objective is called as ``objective(network, model, key, batch_size, data)`` where
-    ``model`` is a :class:`jaxic.tracing.ParameterisedModel` carrying the state's model
-    parameters. ``step(state)`` or, for objectives that read real data, ``step(state, data)``.
-    ``optimizer`` should be wrapped with :func:`guard` (``init`` must use the same object).
+    Calls ``objective.loss(network, model, key, batch_size, data, plate=plate, sharding=sharding)``
+    where ``model`` is a :class:`jaxic.tracing.ParameterisedModel` carrying the state's model
+    parameters. ``step(state)`` or, for objectives that read real data, ``step(state, data)``;
+    it returns ``(state, TrainInfo)`` with the objective's metrics. ``optimizer`` should be
+    wrapped with :func:`guard` (``init`` must use the same object). ``plate`` (a
+    :class:`jaxic.objectives.LocalPlate`) amortizes over one plate's elements; ``sharding`` (from
+    :func:`jaxic.parallel.batch_sharding`) splits the batch over devices. When
+    ``objective.trains_model`` is False the model's parameters are never changed.
 
     ``microbatch_size`` (dividing ``batch_size``): the batch is drawn and differentiated in
     ``batch_size // microbatch_size`` slices of that size, one after another in a ``lax.scan``, and
@@ -128,9 +197,10 @@ def build_step(graphdef, objective: Callable, optimizer: optax.GradientTransform
     whole batch in distribution (the slices draw their traces with keys of their own).
 
     Example:
-        >>> step = jax.jit(build_step(graphdef, ForwardKL(spec), optimizer, batch_size=64, model=model,
+        >>> step = jax.jit(build_step(graphdef, forward_kl(), optimizer, batch_size=64, model=model,
         ...                           microbatch_size=16))
     """
+    objective = resolve(objective)
     constraints = dict(param_constraints or {})
     num_slices = num_microbatches(batch_size, microbatch_size)
     micro = batch_size // num_slices
@@ -138,37 +208,46 @@ def build_step(graphdef, objective: Callable, optimizer: optax.GradientTransform
     def loss_fn(trainable, statistics, key, data):
         params, model_params = trainable
         network = nnx.merge(graphdef, params, statistics)
-        loss, _ = objective(network, ParameterisedModel(model, model_params, constraints), key, micro, data)
-        return loss
+        return objective.loss(network, ParameterisedModel(model, model_params, constraints), key, micro, data,
+                              plate=plate, sharding=sharding)
+
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
     def loss_and_grads(trainable, statistics, key, data):
         if num_slices == 1:
-            return jax.value_and_grad(loss_fn)(trainable, statistics, key, data)
+            (loss, metrics), grads = value_and_grad(trainable, statistics, key, data)
+            return loss, grads, metrics
 
         def accumulate(total, slice_key):
-            part = jax.value_and_grad(loss_fn)(trainable, statistics, slice_key, data)
-            return jax.tree.map(jnp.add, total, part), None
+            (loss, metrics), grads = value_and_grad(trainable, statistics, slice_key, data)
+            return jax.tree.map(jnp.add, total, (loss, grads)), metrics
 
         keys = jax.random.split(key, num_slices)
-        shapes = jax.eval_shape(jax.value_and_grad(loss_fn), trainable, statistics, keys[0], data)
-        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        total, _ = jax.lax.scan(accumulate, zero, keys)
-        return jax.tree.map(lambda x: x / num_slices, total)
+        (loss_shape, _), grad_shapes = jax.eval_shape(value_and_grad, trainable, statistics, keys[0], data)
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss_shape, grad_shapes))
+        total, metrics = jax.lax.scan(accumulate, zero, keys)
+        loss, grads = jax.tree.map(lambda x: x / num_slices, total)
+        return loss, grads, combine_metrics(metrics)
 
     def step(state: TrainState, data=None) -> tuple[TrainState, TrainInfo]:
         key, step_key = jax.random.split(state.key)
         trainable = (state.params, state.model_params)
-        loss, grads = loss_and_grads(trainable, state.statistics, step_key, data)
-        return _update(optimizer, state, loss, grads, key)
+        loss, grads, metrics = loss_and_grads(trainable, state.statistics, step_key, data)
+        return _update(optimizer, state, loss, grads, key, metrics, objective.trains_model)
 
     return step
+
+
+def _loss_and_metrics(out) -> tuple[jax.Array, dict]:
+    return out if isinstance(out, tuple) else (out, {})
 
 
 def build_batch_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:
     """One optimisation step on a batch given from outside: ``step(state, *batch) -> (state, info)``.
 
     For traces that cannot be drawn inside the jitted step: eager (universal) models and
-    offline datasets. ``loss_fn(network, *batch)``, e.g. :func:`jaxic.objectives.forward_kl_loss`.
+    offline datasets. ``loss_fn(network, *batch)`` returns ``(loss, metrics)`` (or a scalar
+    loss), e.g. :func:`jaxic.objectives.forward_kl_loss`. The model's parameters are not trained.
 
     Example:
         >>> step = jax.jit(build_batch_step(graphdef, forward_kl_loss, optimizer))
@@ -176,12 +255,13 @@ def build_batch_step(graphdef, loss_fn: Callable, optimizer: optax.GradientTrans
     """
 
     def loss_of(trainable, statistics, *batch):
-        return loss_fn(nnx.merge(graphdef, trainable[0], statistics), *batch)
+        return _loss_and_metrics(loss_fn(nnx.merge(graphdef, trainable[0], statistics), *batch))
 
     def step(state: TrainState, *batch) -> tuple[TrainState, TrainInfo]:
         key, _ = jax.random.split(state.key)
-        loss, grads = jax.value_and_grad(loss_of)((state.params, state.model_params), state.statistics, *batch)
-        return _update(optimizer, state, loss, grads, key)
+        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            (state.params, state.model_params), state.statistics, *batch)
+        return _update(optimizer, state, loss, grads, key, metrics, trains_model=False)
 
     return step
 
@@ -190,13 +270,25 @@ def build_multi_step(step: Callable, chunk: int) -> Callable:
     """``chunk`` steps in one compiled call; only the first ``num_active`` are applied.
 
     ``num_active`` is a traced argument, so a final partial chunk reuses the same compilation.
+    Inactive steps report NaN for float entries of the info (loss, metrics), -1 for integer ones
+    (``dropped``, ``dropped_site``) and ``skipped=False``.
+
+    Example:
+        >>> multi = jax.jit(build_multi_step(step, chunk=25))
+        >>> state, infos = multi(state, 10)        # infos.loss[:10] are the applied steps
     """
 
-    def idle(state: TrainState, data) -> tuple[TrainState, TrainInfo]:
-        nan = jnp.full((), jnp.nan)
-        return state, TrainInfo(nan, nan, jnp.zeros((), bool))
-
     def multi(state: TrainState, num_active, data=None):
+        shapes = jax.eval_shape(step, state, data)[1]
+
+        def filler(s):
+            if s.dtype == jnp.bool_:
+                return jnp.zeros(s.shape, s.dtype)
+            return jnp.full(s.shape, jnp.nan if jnp.issubdtype(s.dtype, jnp.inexact) else -1, s.dtype)
+
+        def idle(state: TrainState, data) -> tuple[TrainState, TrainInfo]:
+            return state, jax.tree.map(filler, shapes)
+
         def body(state, i):
             return jax.lax.cond(i < num_active, step, idle, state, data)
 
@@ -206,5 +298,9 @@ def build_multi_step(step: Callable, chunk: int) -> Callable:
 
 
 def evaluate(loss_fn: Callable, graphdef, params, statistics, *batch) -> jax.Array:
-    """A loss (e.g. :func:`jaxic.objectives.forward_kl_loss`) on a fixed batch, such as validation traces."""
-    return loss_fn(nnx.merge(graphdef, params, statistics), *batch)
+    """A loss (e.g. :func:`jaxic.objectives.forward_kl_loss`) on a fixed batch, such as validation traces.
+
+    Example:
+        >>> validation_loss = evaluate(forward_kl_loss, graphdef, params, statistics, tokens, observations)
+    """
+    return _loss_and_metrics(loss_fn(nnx.merge(graphdef, params, statistics), *batch))[0]

@@ -36,7 +36,7 @@ def test_a_microbatched_step_averages_the_loss_and_gradient_of_its_slices(compil
         params, model_params = trainable
         network = nnx.merge(compiled.graphdef, params, state.statistics)
         model = ParameterisedModel(compiled.proposal.model, model_params, compiled.param_constraints)
-        return compiled.objective(network, model, key, 2, None)[0]
+        return compiled.objective.loss(network, model, key, 2, None)[0]
 
     _, step_key = jax.random.split(state.key)
     loss_and_grad = jax.jit(jax.value_and_grad(loss_of))

@@ -36,25 +36,54 @@ class ProposalStatistics:
 
 def proposal_statistics(spec: TraceSpec, heads: list[ProposalHead], tokens: Tokens,
                         observations: Mapping[str, jax.Array]) -> ProposalStatistics:
-    """Per-site moments of a batch of joint samples (``tokens`` with a leading batch axis)."""
+    """Per-site moments of a batch of joint samples (``tokens`` with a leading batch axis).
+
+    Only finite draws count: a trace with a non-finite executed token or observation is left
+    out, and a site with no finite draw gets loc 0 and scale 1, so the result is always finite.
+
+    Example:
+        >>> tokens, observations = sample_joint(spec, model, key, 4096)
+        >>> stats = proposal_statistics(spec, [head_for_site(s, 8) for s in spec.latents], tokens, observations)
+    """
     width = spec.value_dim
     max_params = max(h.num_params for h in heads)
+    executed_ok = jnp.all(jnp.isfinite(tokens.value), axis=-1) & jnp.isfinite(tokens.log_jacobian)
+    trace_ok = jnp.all(executed_ok | ~tokens.mask, axis=-1)
+    rows = {o.name: jnp.asarray(observations[o.name]).reshape(observations[o.name].shape[0], -1) for o in spec.observed}
+    rows_ok = jnp.ones(next(iter(rows.values())).shape[:1] if rows else (0,), bool)
+    for flat in rows.values():
+        rows_ok = rows_ok & jnp.all(jnp.isfinite(flat), axis=-1)
+    if rows and rows_ok.shape == trace_ok.shape:  # joint draws: a trace counts only if all of it is finite
+        trace_ok = rows_ok = trace_ok & rows_ok
+    usable = tokens.mask & trace_ok[:, None] & executed_ok
+    values = jnp.where(usable[..., None], tokens.value, 0.0).reshape(-1, width)
     locs, scales, bases = [], [], []
-    values = tokens.value.reshape(-1, width)
     for address, head in enumerate(heads):
         # Select by address rather than position: universal traces place a site anywhere.
-        mask = (tokens.mask & (tokens.address == address)).reshape(-1)
+        mask = (usable & (tokens.address == address)).reshape(-1)
         loc, scale, base = head.statistics(values, mask)
         locs.append(loc)
         scales.append(scale)
         bases.append(jnp.pad(base, (0, max_params - base.shape[0])))
     obs_loc, obs_scale = {}, {}
+    # Observation moments may come from real data rows (fewer or more than the traces).
+    weight = rows_ok.astype(jnp.float32)[:, None]
+    count = jnp.maximum(weight.sum(), 1.0)
     for o in spec.observed:
-        flat = observations[o.name].reshape(observations[o.name].shape[0], -1)
-        std = flat.std(0)
-        obs_loc[o.name] = flat.mean(0)
-        obs_scale[o.name] = jnp.where(std > 1e-6, std, 1.0)
-    return ProposalStatistics(jnp.stack(locs), jnp.stack(scales), jnp.stack(bases), obs_loc, obs_scale)
+        flat = jnp.where(rows_ok[:, None], rows[o.name], 0.0)
+        mean = (flat * weight).sum(0) / count
+        std = jnp.sqrt(((flat - mean) ** 2 * weight).sum(0) / count)
+        obs_loc[o.name] = _finite_or(mean, 0.0)
+        obs_scale[o.name] = jnp.where(jnp.isfinite(std) & (std > 1e-6), std, 1.0)
+    value_scale = jnp.stack(scales)
+    return ProposalStatistics(_finite_or(jnp.stack(locs), 0.0),
+                              jnp.where(jnp.isfinite(value_scale) & (value_scale > 0), value_scale, 1.0),
+                              _finite_or(jnp.stack(bases), 0.0), obs_loc, obs_scale)
+
+
+def _finite_or(x: jax.Array, fallback: float) -> jax.Array:
+    """``x`` with non-finite entries (e.g. moments overflowing float32) replaced by ``fallback``."""
+    return jnp.where(jnp.isfinite(x), x, fallback)
 
 
 class ObservationMLP(nnx.Module):

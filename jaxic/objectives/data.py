@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from numpyro import handlers
 
+from jaxic.objectives.finite import clean, data_rows_bad
 from jaxic.parallel import shard_batch
 
 
@@ -54,17 +55,25 @@ def per_datum(fn: Callable, model: Callable, data: Mapping[str, jax.Array], key:
 
     Data points are rows of ``data`` (observation sets, or elements of ``plate``); the
     minibatch is drawn with replacement from ``key``. ``sharding`` (e.g.
-    :func:`jaxic.parallel.batch_sharding`) splits the minibatch over devices.
+    :func:`jaxic.parallel.batch_sharding`) splits the minibatch over devices. Returns
+    ``(outputs, rows_bad)``: ``rows_bad[site]`` is ``(batch_size,)`` True where that row of
+    ``data`` is not finite; such rows reach ``fn`` as zeros, and the caller must weight them zero.
+
+    Example:
+        >>> out, rows_bad = per_datum(lambda m, obs, k: obs["x"].sum(), model, {"x": rows}, key, 8, None)
     """
     index_key, key = jax.random.split(key)
     num_data = jax.tree.leaves(data)[0].shape[0]
     # Sharded indices and keys make XLA run each device's share of the minibatch.
     index = shard_batch(jax.random.randint(index_key, (batch_size,), 0, num_data), sharding)
     rows = {name: jnp.asarray(value)[index] for name, value in data.items()}
+    rows_bad = data_rows_bad(rows)
+    # Zeros, not NaN, enter the model: a NaN row would make the gradient NaN even with zero weight.
+    rows = clean(rows, jnp.ones((batch_size,), bool))
 
     def one(i, row, k):
         if plate is None:
             return fn(model, row, k)
         return fn(plate.element_model(model, i), plate.element_observations(row), k)
 
-    return jax.vmap(one)(index, rows, shard_batch(jax.random.split(key, batch_size), sharding))
+    return jax.vmap(one)(index, rows, shard_batch(jax.random.split(key, batch_size), sharding)), rows_bad

@@ -2,41 +2,57 @@
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 
-from jaxic.tracing import Tokens, TraceSpec, sample_joint
+from jaxic.objectives.base import Objective
+from jaxic.objectives.finite import clean, clean_tokens, drop_summary, masked_mean, nonfinite_sites, sample_joint_checked
+from jaxic.tracing import Tokens
+
+FORWARD_KL_METRICS = ("log_q", "dropped", "dropped_site")
 
 
-def forward_kl_loss(network, tokens: Tokens, observations: Mapping[str, jax.Array]) -> jax.Array:
-    """Batch mean of ``-sum_t mask_t log q(x_t | x_<t, y)``: forward KL up to a constant.
+def forward_kl_loss(network, tokens: Tokens, observations: Mapping[str, jax.Array],
+                    log_density_bad: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean of ``-sum_t mask_t log q(x_t | x_<t, y)`` over the finite traces: forward KL up to a constant.
+
+    ``tokens`` and ``observations`` carry a batch axis. A trace with a non-finite executed
+    token, observation (or, given ``log_density_bad`` from
+    :func:`jaxic.objectives.finite.sample_joint_checked`, log density) is left out and counted.
+    Returns ``(loss, {"log_q", "dropped", "dropped_site"})``; the loss is NaN (and the step
+    skipped) only when no trace is finite.
 
     Example:
-        >>> loss = forward_kl_loss(network, tokens, observations)   # tokens with a batch axis
+        >>> loss, metrics = forward_kl_loss(network, tokens, observations)
+        >>> int(metrics["dropped"])
+        0
     """
-    return -jnp.mean(jnp.sum(jax.vmap(network.log_prob)(observations, tokens), axis=-1))
+    keep, drops = drop_summary(nonfinite_sites(network.spec, tokens, observations, log_density_bad))
+    log_q = jnp.sum(jax.vmap(network.log_prob)(clean(observations, keep), clean_tokens(tokens, keep)), axis=-1)
+    mean_log_q = masked_mean(log_q, keep)
+    return -mean_log_q, {"log_q": mean_log_q, **drops}
 
 
-@dataclasses.dataclass(frozen=True)
-class ForwardKL:
+def forward_kl() -> Objective:
     """Inference compilation: fresh traces from the joint inside the jitted step, scored by the proposal.
 
     Needs no data; never trains the model's parameters (its joint samples are drawn from
-    the model as it currently is).
+    the model as it currently is). With a ``plate``, traces are drawn from one element of it.
+    Metrics: ``log_q`` (mean log q of the kept traces), ``dropped``, ``dropped_site``.
 
     Example:
-        >>> objective = ForwardKL(spec=spec)
-        >>> loss, metrics = objective(network, ParameterisedModel(model, {}, {}), key, 64, None)
+        >>> objective = forward_kl()
+        >>> loss, metrics = objective.loss(network, ParameterisedModel(model, {}, {}), key, 64, None)
     """
 
-    spec: TraceSpec | None = None  # filled in by jaxic.compile
-    batch_sharding: Any = None  # jaxic.parallel.batch_sharding: traces split over devices (jaxic.compile devices=)
-    needs_data = False
-    trains_model = False
+    def loss(network, model, key, batch_size: int, data=None, *, plate=None, sharding=None):
+        joint = model.frozen()
+        if plate is not None:
+            joint = plate.element_model(joint, 0)
+        tokens, observations, bad = sample_joint_checked(network.spec, joint, key, batch_size, sharding)
+        return forward_kl_loss(network, tokens, observations, bad)
 
-    def __call__(self, network, model, key, batch_size: int, data=None):
-        tokens, observations = sample_joint(self.spec, model.frozen(), key, batch_size, self.batch_sharding)
-        return forward_kl_loss(network, tokens, observations), {}
+    return Objective("forward_kl", loss, needs_data=False, trains_model=False, options={},
+                     metrics=FORWARD_KL_METRICS)
