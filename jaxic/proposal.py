@@ -27,7 +27,7 @@ from flax import nnx
 from numpyro import handlers
 
 from jaxic.errors import JaxicError, ModelError, ObservationError, UntraceableModelError
-from jaxic.heads import head_for_site
+from jaxic.heads import heads_for
 from jaxic.inference import Posterior
 from jaxic.inference.importance import EagerDecoder, importance_sample_eager, sample_particles
 from jaxic.networks import FeedForwardConfig, ProposalStatistics, TransformerConfig, proposal_statistics
@@ -125,7 +125,7 @@ def init(model: Callable, observed: Sequence[str], key: jax.Array, *, network: A
     if network is None:
         # One latent token per plate element leaves nothing to attend over: an MLP encoder does the same, faster.
         network = FeedForwardConfig() if plate is not None and spec.num_tokens == 1 else TransformerConfig()
-    heads = [head_for_site(s, network.num_components) for s in spec.latents]
+    heads = list(heads_for(spec, network.num_components))
     if data is not None:  # the network reads real observations: standardise with their moments
         observations = {k: (v[:, None] if plate is not None else v) for k, v in data.items()}
     # Compiled as one program: eagerly, each per-site operation would compile on its own.

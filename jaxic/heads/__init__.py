@@ -7,9 +7,9 @@ per-site location and divides by the per-site scale of the joint samples before 
 head sees a value, so that every head starts near the prior.
 """
 
-from jaxic.heads.base import ProposalHead, head_for_site
+from jaxic.heads.base import ProposalHead, head_for_site, heads_for
 from jaxic.heads.categorical import CategoricalHead
 from jaxic.heads.integer import IntegerMixtureHead
 from jaxic.heads.mixture import MixtureHead
 
-__all__ = ["ProposalHead", "head_for_site", "CategoricalHead", "IntegerMixtureHead", "MixtureHead"]
+__all__ = ["ProposalHead", "head_for_site", "heads_for", "CategoricalHead", "IntegerMixtureHead", "MixtureHead"]

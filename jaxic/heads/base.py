@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from typing import Protocol
 
 import jax
@@ -58,3 +60,14 @@ def head_for_site(site: LatentSite, num_components: int) -> ProposalHead:
     if site.is_discrete:
         return CategoricalHead(site.num_categories)
     return MixtureHead(site.value_dim, num_components)
+
+
+@functools.lru_cache(maxsize=64)
+def heads_for(spec, num_components: int) -> tuple[ProposalHead, ...]:
+    """The heads of every latent site of ``spec``, in address order: chosen once per spec and
+    size, so the statistics and the network that uses them agree.
+
+    Example:
+        >>> heads_for(spec, num_components=8)[spec.address_of("x")]
+    """
+    return tuple(head_for_site(site, num_components) for site in spec.latents)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxic.heads import ProposalHead, head_for_site
+from jaxic.heads import ProposalHead, heads_for
 from jaxic.tracing import TraceSpec, Tokens
 
 
@@ -109,7 +109,7 @@ class ProposalNetworkBase(nnx.Module):
 
     def __init__(self, spec: TraceSpec, stats: ProposalStatistics, d_model: int, num_components: int,
                  obs_hidden: int, observation_embedders: Mapping[str, nnx.Module] | None, *, rngs: nnx.Rngs):
-        heads = [head_for_site(s, num_components) for s in spec.latents]
+        heads = heads_for(spec, num_components)
         groups = list(dict.fromkeys(heads))
         self.spec = spec
         self.width = spec.value_dim
