@@ -176,14 +176,14 @@ class CompiledModel:
             bar.set_postfix(postfix, refresh=False)
             bar.update(active)
             if saver is not None and self.step // self.checkpoint_every > (self.step - active) // self.checkpoint_every:
-                saver.save(self.step, _state_arrays(self.state), self.checkpoint_metadata())
+                saver.save(self.step, _state_arrays(self.state), checkpoint_metadata(self))
         if validate and done and self.history["validation_step"][-1:] != [self.step]:  # a time budget ended it
             bar.set_postfix({**postfix, "val": f"{self._record_validation():.3f}"})
         message = objectives.drop_warning(self.spec, dropped, done * cfg.batch_size, dropped_sites)
         if message:
             warnings.warn(message, stacklevel=3)
         if saver is not None and done and saver.latest_step() != self.step:
-            saver.save(self.step, _state_arrays(self.state), self.checkpoint_metadata())
+            saver.save(self.step, _state_arrays(self.state), checkpoint_metadata(self))
 
     def _record_validation(self) -> float:
         value = self.validation_loss()
@@ -259,20 +259,20 @@ class CompiledModel:
         Example:
             >>> compiled.save("proposal_ckpt/")
         """
-        checkpoint.write_checkpoint(path, _state_arrays(self.state), self.checkpoint_metadata())
+        checkpoint.write_checkpoint(path, _state_arrays(self.state), checkpoint_metadata(self))
 
-    def checkpoint_metadata(self) -> dict:
-        """What :func:`jaxic.load` needs besides the arrays (JSON)."""
-        network_name = {v: k for k, v in NETWORKS.items()}[type(self.network_config)]
-        return {
-            "trace_spec": self.spec.to_json(),
-            "network": {"type": network_name, "config": dataclasses.asdict(self.network_config)},
-            "train_config": dataclasses.asdict(self.train_config),
-            "objective": objective_metadata(self.objective),
-            "local_plate": None if self.plate is None else dataclasses.asdict(self.plate),
-            "compile_key": np.asarray(jax.random.key_data(self.compile_key)).tolist(),
-            "history": {k: [x if isinstance(x, int) else float(x) for x in v] for k, v in self.history.items()},
-        }
+def checkpoint_metadata(compiled: CompiledModel) -> dict:
+    """What :func:`jaxic.load` needs besides the arrays (JSON): spec, network, training, history."""
+    network_name = {v: k for k, v in NETWORKS.items()}[type(compiled.network_config)]
+    return {
+        "trace_spec": compiled.spec.to_json(),
+        "network": {"type": network_name, "config": dataclasses.asdict(compiled.network_config)},
+        "train_config": dataclasses.asdict(compiled.train_config),
+        "objective": objective_metadata(compiled.objective),
+        "local_plate": None if compiled.plate is None else dataclasses.asdict(compiled.plate),
+        "compile_key": np.asarray(jax.random.key_data(compiled.compile_key)).tolist(),
+        "history": {k: [x if isinstance(x, int) else float(x) for x in v] for k, v in compiled.history.items()},
+    }
 
 
 @contextlib.contextmanager

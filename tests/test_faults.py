@@ -25,7 +25,9 @@ SETTINGS = dict(observed=["obs"], num_steps=0, batch_size=8, validation_size=16,
                 progress=False)
 
 CHILD = textwrap.dedent("""
-    import sys, jax, jaxic
+    import signal, sys, jax, jaxic
+    # A process started in the background inherits an ignored SIGINT; a terminal or Jupyter has this handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from jaxic.models import pedagogical
     from jaxic.networks import TransformerConfig
     compiled = jaxic.compile(pedagogical, key=jax.random.key(0), observed=["obs"], num_steps=0, batch_size=8,
@@ -53,7 +55,10 @@ def test_ctrl_c_mid_training_then_save_and_load_resumes_bit_for_bit(tmp_path):
     assert child.stdout.readline().strip() == "training", child.stderr.read()
     time.sleep(3.0)
     child.send_signal(signal.SIGINT)
-    out, err = child.communicate(timeout=300)
+    try:
+        out, err = child.communicate(timeout=300)
+    finally:
+        child.kill()
     assert child.returncode == 0, err
     stopped = int(out.split()[-1])
     assert stopped >= 25 and stopped % 25 == 0  # whole chunks only
