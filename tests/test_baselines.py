@@ -100,18 +100,14 @@ def test_names_select_the_baselines(masked):
         jaxic.compile(masked_model, observed=["obs"], key=jax.random.key(0), num_steps=0, network="rnn")
 
 
-def test_skipped_sites_are_invisible(masked):
-    name, compiled = masked
+def test_decoding_a_skipped_token_leaves_the_state_as_it_was(masked):
+    """The baselines carry no per-position cache: a skipped token changes nothing at all (that it is invisible
+    to every network's log q is checked in test_network_conformance.py)."""
+    _, compiled = masked
     net = compiled.network
     tokens, observations = compiled.validation
-    i = int(np.flatnonzero(~np.asarray(tokens.mask[:, 3]))[0])  # a trace where object 2 did not run
-    tokens, obs = pick(tokens, i), pick(observations, i)
-    log_prob = jax.jit(net.log_prob)
-    base = log_prob(obs, tokens)
-    assert base[3] == 0.0 and base[0] != 0.0
-    garbage = tokens._replace(value=tokens.value.at[3, 0].set(123.0))
-    np.testing.assert_array_equal(log_prob(obs, garbage), base)
-    # Decoding a skipped token leaves the state exactly as it was.
+    tokens, obs = pick(tokens, 0), pick(observations, 0)
+
     @jax.jit
     def skip(obs, tokens):
         state = net.init_decode(obs)
@@ -136,20 +132,17 @@ def test_feedforward_ignores_earlier_latents(masked):
     assert not np.allclose(log_prob({"obs": obs["obs"] + 5.0}, tokens), base)
 
 
-def test_lstm_is_causal(trained):
+def test_lstm_conditions_on_earlier_latents_and_the_observation(trained):
+    """Unlike the feed-forward baseline, every later proposal sees a changed latent (that nothing earlier
+    does is checked for every network in test_network_conformance.py)."""
     net = trained.network
     tokens, observations = trained.validation
     tokens, obs = pick(tokens, 0), pick(observations, 0)
     log_prob = jax.jit(net.log_prob)
     base = log_prob(obs, tokens)
-    num_tokens = tokens.value.shape[0]
-    for t in range(num_tokens):
+    for t in range(tokens.value.shape[0] - 1):
         log_q = log_prob(obs, tokens._replace(value=tokens.value.at[t, 0].add(3.0)))
-        # Tokens before t are untouched; token t moves only because its own value did; later ones see x_t.
-        np.testing.assert_array_equal(log_q[:t], base[:t])
-        assert log_q[t] != base[t]
-        if t + 1 < num_tokens:
-            assert not np.allclose(log_q[t + 1:], base[t + 1:])
+        assert not np.allclose(log_q[t + 1:], base[t + 1:]), t
     assert not np.allclose(log_prob({"obs": obs["obs"] + 50.0}, tokens), base)
 
 

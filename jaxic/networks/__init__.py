@@ -1,5 +1,20 @@
 """Proposal networks (Flax NNX). The transformer is the default; the LSTM and feed-forward
-networks are baselines."""
+networks are baselines.
+
+The protocol every entry of ``NETWORKS`` keeps (tests/test_network_conformance.py checks each one;
+add a new network there too):
+
+- ``Config.build(spec, stats, rngs, observation_embedders=None)`` returns an unbatched ``nnx.Module``
+  whose whole state lives in nnx Variables (checkpoints save ``nnx.split`` state leaves only).
+- ``log_prob(observations, tokens)`` gives ``(T,)`` log q of each token given the observations and the
+  tokens before it, never later ones nor the token's own value; exactly 0 for tokens that did not
+  execute or are drawn from their prior. Skipped tokens are invisible: whatever values they hold, NaN
+  included, no output changes.
+- ``init_decode(observations)`` and ``decode(state, key, address, instance, dist_type, mask, given=None,
+  teacher=None) -> (state, value, log_q)`` propose one token at a time; with the trace's values given,
+  ``log_q`` minus the token's log-Jacobian equals ``log_prob`` (rtol 1e-5), and a skipped token gives 0.
+- Jitted and vmapped calls agree with eager ones.
+"""
 
 from jaxic.networks.base import ObservationMLP, ProposalNetworkBase, ProposalStatistics, Statistic, proposal_statistics
 from jaxic.networks.feedforward import FeedForwardConfig, FeedForwardProposal, FeedForwardState

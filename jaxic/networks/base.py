@@ -149,6 +149,16 @@ class ProposalNetworkBase(nnx.Module):
     def standardise(self, address, value):
         return (value - self.value_loc[...][address]) / self.value_scale[...][address]
 
+    def standardise_tokens(self, tokens: Tokens):
+        """Standardised values ``(T, D)`` of one trace's tokens, 0 for tokens that did not execute: whatever
+        a skipped token holds (NaN from an offline dataset included) reaches no output and no gradient.
+
+        Example:
+            >>> z = net.standardise_tokens(tokens)   # then score_tokens(contexts, tokens, z)
+        """
+        z = jax.vmap(self.standardise)(tokens.address, tokens.value)
+        return jnp.where(tokens.mask[:, None], z, 0.0)
+
     def log_standardiser(self, address):
         """log|d value / d z| of the standardisation (padded dims have scale 1)."""
         return jnp.log(self.value_scale[...][address]).sum()

@@ -79,7 +79,7 @@ class FeedForwardProposal(ProposalNetworkBase):
     def log_prob(self, observations: Mapping[str, jax.Array], tokens: Tokens) -> jax.Array:
         """log q(x_t | y) for every token of one trace, 0 where the site did not execute."""
         observation = self.init_decode(observations).observation
-        z = jax.vmap(self.standardise)(tokens.address, tokens.value)
+        z = self.standardise_tokens(tokens)
         contexts = jax.vmap(self._context, in_axes=(None, 0, 0, 0))(observation, tokens.address, tokens.instance,
                                                                      tokens.dist_type)
         return self.score_tokens(contexts, tokens, z)

@@ -153,7 +153,7 @@ class LSTMProposal(ProposalNetworkBase):
 
     def log_prob(self, observations: Mapping[str, jax.Array], tokens: Tokens) -> jax.Array:
         """log q(x_t | x_<t, y) for every token of one trace, 0 where the site did not execute."""
-        z = jax.vmap(self.standardise)(tokens.address, tokens.value)
+        z = self.standardise_tokens(tokens)
 
         def step(state, inputs):
             address, instance, dist_type, z_t, mask = inputs

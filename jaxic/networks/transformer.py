@@ -123,9 +123,13 @@ class TransformerProposal(ProposalNetworkBase):
         self.value_gain = nnx.Param(jnp.ones((len(spec.latents), config.d_model)))
 
     def content(self, address, instance, dist_type, z, mask):
-        """What a latent token contributes to later tokens; values of skipped sites are hidden."""
+        """What a latent token contributes to later tokens; values of skipped sites are hidden.
+
+        A select rather than ``mask * value``: a skipped token's value may be garbage (NaN while decoding
+        a given value), and ``0 * NaN`` would reach every later token through the attention weights' matmul.
+        """
         value = self.value_gain[...][address] * self.value_embed(self.value_features(address, z))
-        return self.site_embedding(address, instance, dist_type) + mask * value
+        return self.site_embedding(address, instance, dist_type) + jnp.where(mask, value, 0.0)
 
     def _contexts(self, observations, tokens: Tokens, z):
         content = jax.vmap(self.content)(tokens.address, tokens.instance, tokens.dist_type, z,
@@ -142,7 +146,7 @@ class TransformerProposal(ProposalNetworkBase):
 
     def log_prob(self, observations: Mapping[str, jax.Array], tokens: Tokens) -> jax.Array:
         """log q(x_t | x_<t, y) for every token of one trace, 0 where the site did not execute."""
-        z = jax.vmap(self.standardise)(tokens.address, tokens.value)
+        z = self.standardise_tokens(tokens)
         return self.score_tokens(self._contexts(observations, tokens, z), tokens, z)
 
     def init_decode(self, observations: Mapping[str, jax.Array]) -> DecodeState:
