@@ -48,7 +48,7 @@ class TrainConfig:
     microbatch_size: int | None = None
 
 
-_validation_loss = jax.jit(lambda proposal, tokens, obs: -jnp.mean(core.log_prob_tokens(proposal, tokens, obs)))
+_validation_loss = jax.jit(core.held_out_loss)
 
 
 class CompiledModel:

@@ -31,7 +31,7 @@ from jaxic.heads import heads_for
 from jaxic.inference import Posterior
 from jaxic.inference.importance import EagerDecoder, importance_sample_eager, sample_particles
 from jaxic.networks import FeedForwardConfig, ProposalStatistics, TransformerConfig, proposal_statistics
-from jaxic.objectives import LocalPlate, check_data_finite
+from jaxic.objectives import LocalPlate, check_data_finite, forward_kl_loss
 from jaxic.tracing import (ParameterisedModel, TraceDataset, TraceSpec, abstract_trace, derive_trace_spec,
                            derive_universal_spec, find_model_params, pack_trace, sample_joint, sample_universal,
                            trace_to_tokens)
@@ -333,6 +333,16 @@ def log_prob_tokens(proposal: Proposal, tokens, observations: Mapping[str, jax.A
     if jnp.ndim(tokens.mask) == 1:
         return jnp.sum(network.log_prob(observations, tokens))
     return jnp.sum(jax.vmap(network.log_prob)(observations, tokens), axis=-1)
+
+
+def held_out_loss(proposal: Proposal, tokens, observations: Mapping[str, jax.Array]) -> jax.Array:
+    """Mean ``-log q(x | y)`` over traces given as tokens (with a batch axis): the forward-KL loss,
+    with traces that are not finite (a NaN draw of the model) left out, as training leaves them out.
+
+    Example:
+        >>> loss = jax.jit(held_out_loss)(proposal, *joint_draws(proposal, jax.random.key(0), 500))
+    """
+    return forward_kl_loss(proposal.network, tokens, observations)[0]
 
 
 def log_prob(proposal: Proposal, latents: Mapping[str, Any], observations: Mapping[str, Any],

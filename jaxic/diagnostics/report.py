@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxic.diagnostics.calibration import CoverageResult, SBCResult, coverage, sbc
 from jaxic.diagnostics.weights import KHAT_OK, ess, khat_verdict, pareto_khat
-from jaxic.proposal import joint_draws, log_prob_tokens
+from jaxic.proposal import held_out_loss as _proposal_held_out_loss, joint_draws
 
 
 def held_out_loss(compiled, key: jax.Array | None = None, num_traces: int = 1024) -> float:
@@ -33,10 +33,10 @@ def held_out_loss(compiled, key: jax.Array | None = None, num_traces: int = 1024
         return compiled.validation_loss()
     proposal = compiled.proposal
     tokens, observations = joint_draws(proposal, key, int(num_traces))
-    return float(_mean_negative_log_q(proposal, tokens, observations))
+    return float(_held_out_loss(proposal, tokens, observations))
 
 
-_mean_negative_log_q = jax.jit(lambda proposal, tokens, obs: -jnp.mean(log_prob_tokens(proposal, tokens, obs)))
+_held_out_loss = jax.jit(_proposal_held_out_loss)
 
 
 @dataclasses.dataclass(frozen=True)
