@@ -262,8 +262,13 @@ def _latent_batch(proposal: Proposal, latents: Mapping[str, Any]) -> tuple[dict[
     spec = proposal.spec
     names = [s.name for s in spec.latents]
     unknown = set(latents) - set(names)
-    if unknown:
-        raise ObservationError(f"{sorted(unknown)} are not latent sites of this model; its latent sites are {names}.")
+    if unknown:  # Predictive and MCMC also return observed and deterministic sites: those are not scored
+        trace = abstract_trace(proposal.model) if not spec.dynamic else {}
+        other = {o.name for o in spec.observed} | {n for n, site in trace.items() if site["type"] == "deterministic"}
+        if unknown - other:
+            raise ObservationError(f"{sorted(unknown - other)} are not latent sites of this model; its latent sites "
+                                   f"are {names}.")
+        latents = {k: v for k, v in latents.items() if k not in other}
     missing = [n for n in names if n not in latents and not spec.dynamic]
     if missing:
         raise ObservationError(f"no value given for latent sites {missing}: give every latent site a value (any "

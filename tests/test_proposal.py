@@ -90,6 +90,8 @@ def test_batches_of_latents_and_observations(compiled):
         core.log_prob(proposal, {k: v for k, v in latents.items() if k != "nuisance_1"}, {"obs": 1.0})
     with pytest.raises(jaxic.ObservationError, match="'z'"):
         core.log_prob(proposal, {**latents, "z": jnp.zeros(3)}, {"obs": 1.0})
+    # What Predictive returns (the observed site too) scores the same.
+    np.testing.assert_array_equal(core.log_prob(proposal, {**latents, "obs": jnp.zeros(3)}, {"obs": 25.0})[0], shared)
 
 
 def test_pure_functions_compose_with_jit_vmap_and_grad(compiled):
