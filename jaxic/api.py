@@ -138,8 +138,7 @@ class CompiledModel:
         if self.objective.needs_data and self.data is None:
             raise JaxicError(f"the {self.objective.name} objective trains on real observations: pass "
                              "data={site: array with one row per data point} to jaxic.compile / jaxic.load.")
-        bar = tqdm(total=num_steps, disable=not progress, desc="compiling proposal" + (
-            f" ({self.path} path)" if self.path != "masked" else ""), unit="step")
+        bar = tqdm(total=num_steps, disable=not progress, desc=f"compiling proposal{self.loop.description}", unit="step")
         with bar, contextlib.ExitStack() as stack:
             saver = None if self.checkpoint_dir is None else stack.enter_context(
                 checkpoint.PeriodicCheckpointer(self.checkpoint_dir, self.max_to_keep))
@@ -350,7 +349,8 @@ def _assemble(model, model_args, model_kwargs, observed, key, network, train_con
         spec, bound, size = proposal.spec, proposal.bound_model, train_config.batch_size
         next_batch = loops.dataset_batches(dataset, size) if dataset is not None else (
             lambda state: sample_universal(spec, bound, jax.random.fold_in(state.key, 1), size))
-        loop = loops.FedSteps(training.build_batch_step(proposal.graphdef, forward_kl_loss, optimizer), next_batch)
+        loop = loops.FedSteps(training.build_batch_step(proposal.graphdef, forward_kl_loss, optimizer), next_batch,
+                              f" ({'dataset' if dataset is not None else 'universal'} path)")
     else:
         # The objective picks plate elements itself (data objectives) or trains on one element.
         step = training.build_step(proposal.graphdef, objective, optimizer, train_config.batch_size,
