@@ -49,6 +49,7 @@ class TrainConfig:
 
 
 _validation_loss = jax.jit(core.held_out_loss)
+_log_prob = jax.jit(lambda proposal, latents, observations: core.log_prob(proposal, latents, observations)[0])
 
 
 class CompiledModel:
@@ -230,7 +231,10 @@ class CompiledModel:
         Example:
             >>> compiled.log_prob({"x": jnp.zeros(5), "y": jnp.ones(5)}, {"obs": 25.0}).shape   # (5,)
         """
-        return core.log_prob(self.proposal, latents, self.checked_observations(observations))[0]
+        observations = self.checked_observations(observations)
+        if self.spec.dynamic:  # the model is Python: it runs eagerly per latent set
+            return core.log_prob(self.proposal, latents, observations)[0]
+        return _log_prob(self.proposal, latents, observations)
 
     def checked_observations(self, observations: Mapping[str, Any]) -> dict[str, jax.Array]:
         """``observations`` as float32 arrays after host-side checks (names, shapes, finite, in the

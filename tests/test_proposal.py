@@ -18,6 +18,9 @@ from jaxic.networks import TransformerConfig
 from jaxic.tracing import trace_to_tokens
 
 TINY = TransformerConfig(d_model=16, num_heads=2, num_layers=1, obs_hidden=16)
+# Jitted once: eagerly, every operation of the model and network would compile on its own.
+log_prob = jax.jit(core.log_prob)
+importance_sample = jax.jit(core.importance_sample, static_argnums=(1, 4))
 
 
 def branching_model():
@@ -52,37 +55,36 @@ def test_log_prob_of_draws_equals_their_proposal_density(which, request):
     compiled = request.getfixturevalue(which)
     proposal = compiled.proposal
     obs = {"obs": 3.0}
-    post = jaxic.importance_sample(proposal, None, jax.random.key(2), obs, 16)
-    total, per_site = core.log_prob(proposal, post.samples, obs)
+    post = importance_sample(proposal, None, jax.random.key(2), obs, 16)
+    total, per_site = log_prob(proposal, post.samples, obs)
     assert total.shape == (16,) and set(per_site) == {s.name for s in proposal.spec.latents}
     np.testing.assert_allclose(total, post.log_proposal, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(sum(per_site.values()), total, rtol=1e-6, atol=1e-5)
-    for i in (0, 7):
-        one = {k: v[i] for k, v in post.samples.items()}
-        np.testing.assert_allclose(core.log_prob(proposal, one, obs)[0], by_hand(proposal, one, obs),
-                                   rtol=1e-5, atol=1e-4)
+    one = {k: v[7] for k, v in post.samples.items()}
+    np.testing.assert_allclose(log_prob(proposal, one, obs)[0], jax.jit(by_hand)(proposal, one, obs),
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_sites_that_did_not_run_contribute_nothing(branching):
     proposal = branching.proposal
     latents = {"n": jnp.int32(0), "size": jnp.array([1.5, 2.0, 3.0])}
-    _, per_site = core.log_prob(proposal, latents, {"obs": 1.0})
+    _, per_site = log_prob(proposal, latents, {"obs": 1.0})
     garbage = {"n": jnp.int32(0), "size": jnp.array([1.5, 50.0, 0.01])}  # objects 1 and 2 did not run
-    _, per_site_garbage = core.log_prob(proposal, garbage, {"obs": 1.0})
+    _, per_site_garbage = log_prob(proposal, garbage, {"obs": 1.0})
     np.testing.assert_array_equal(per_site["size"], per_site_garbage["size"])
     latents_all = {"n": jnp.int32(2), "size": garbage["size"]}
-    assert not np.allclose(core.log_prob(proposal, latents_all, {"obs": 1.0})[1]["size"], per_site["size"])
+    assert not np.allclose(log_prob(proposal, latents_all, {"obs": 1.0})[1]["size"], per_site["size"])
 
 
 def test_batches_of_latents_and_observations(compiled):
     proposal = compiled.proposal
     latents = {"x": jnp.array([1.0, -2.0, 3.0]), "y": jnp.array([4.0, 0.5, -1.0]),
                "nuisance_0": jnp.zeros(3), "nuisance_1": jnp.ones(3)}
-    shared, _ = core.log_prob(proposal, latents, {"obs": 25.0})
-    per_set, _ = core.log_prob(proposal, latents, {"obs": jnp.array([25.0, 25.0, 4.0])})
+    shared, _ = log_prob(proposal, latents, {"obs": 25.0})
+    per_set, _ = log_prob(proposal, latents, {"obs": jnp.array([25.0, 25.0, 4.0])})
     np.testing.assert_allclose(per_set[:2], shared[:2], rtol=1e-6)
     assert not np.isclose(per_set[2], shared[2])
-    single = core.log_prob(proposal, {k: v[2] for k, v in latents.items()}, {"obs": 4.0})[0]
+    single = log_prob(proposal, {k: v[2] for k, v in latents.items()}, {"obs": 4.0})[0]
     np.testing.assert_allclose(single, per_set[2], rtol=1e-5)
     with pytest.raises(jaxic.ObservationError, match="3 latent sets but 2 observation sets"):
         core.log_prob(proposal, latents, {"obs": jnp.array([1.0, 2.0])})
@@ -91,7 +93,7 @@ def test_batches_of_latents_and_observations(compiled):
     with pytest.raises(jaxic.ObservationError, match="'z'"):
         core.log_prob(proposal, {**latents, "z": jnp.zeros(3)}, {"obs": 1.0})
     # What Predictive returns (the observed site too) scores the same.
-    np.testing.assert_array_equal(core.log_prob(proposal, {**latents, "obs": jnp.zeros(3)}, {"obs": 25.0})[0], shared)
+    np.testing.assert_array_equal(log_prob(proposal, {**latents, "obs": jnp.zeros(3)}, {"obs": 25.0})[0], shared)
 
 
 def test_pure_functions_compose_with_jit_vmap_and_grad(compiled):
@@ -99,15 +101,15 @@ def test_pure_functions_compose_with_jit_vmap_and_grad(compiled):
     latents = {"x": jnp.array([1.0, -2.0]), "y": jnp.array([4.0, 0.5]), "nuisance_0": jnp.zeros(2),
                "nuisance_1": jnp.ones(2)}
     obs = {"obs": 17.0}
-    eager = core.log_prob(proposal, latents, obs)[0]
+    eager = core.log_prob(proposal, latents, obs)[0]  # the reference: no jit at all
     scored = chex.assert_max_traces(lambda p, lat, o: core.log_prob(p, lat, o)[0], n=1)
     jitted = jax.jit(scored)
     np.testing.assert_allclose(jitted(proposal, latents, obs), eager, rtol=1e-6)
     trained_more = compiled.proposal.replace(params=jax.tree.map(lambda p: p * 1.01, proposal.params))
     jitted(trained_more, latents, obs)  # new parameter values are leaves: no retrace
-    vmapped = jax.vmap(lambda lat: core.log_prob(proposal, lat, obs)[0])(latents)
+    vmapped = jax.jit(jax.vmap(lambda lat: core.log_prob(proposal, lat, obs)[0]))(latents)
     np.testing.assert_allclose(vmapped, eager, rtol=1e-5)
-    grads = jax.grad(lambda p: core.log_prob(p, latents, obs)[0].sum())(proposal)
+    grads = jax.jit(jax.grad(lambda p: core.log_prob(p, latents, obs)[0].sum()))(proposal)
     assert isinstance(grads, jaxic.Proposal)
     norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads.params)]
     assert all(np.isfinite(norms)) and max(norms) > 0
@@ -116,9 +118,9 @@ def test_pure_functions_compose_with_jit_vmap_and_grad(compiled):
 def test_sample_and_importance_sample_batch_over_observation_sets(compiled):
     proposal = compiled.proposal
     obs = {"obs": jnp.array([4.0, 25.0])}
-    draws = core.sample(proposal, jax.random.key(3), obs, 50)
+    draws = jax.jit(core.sample, static_argnums=3)(proposal, jax.random.key(3), obs, 50)
     assert draws["x"].shape == (2, 50)
-    post = jax.jit(core.importance_sample, static_argnums=(1, 4))(proposal, None, jax.random.key(3), obs, 50)
+    post = importance_sample(proposal, None, jax.random.key(3), obs, 50)
     assert isinstance(post, jaxic.Posterior) and post.batch_shape == (2,)
     # Same key: the raw draws behind the weights (jit and eager agree to float rounding).
     np.testing.assert_allclose(post.samples["x"], draws["x"], rtol=1e-5, atol=1e-5)
@@ -127,8 +129,8 @@ def test_sample_and_importance_sample_batch_over_observation_sets(compiled):
 
 def test_chunks_of_particles_give_the_result_of_one_call(compiled):
     proposal = compiled.proposal
-    whole = core.importance_sample(proposal, None, jax.random.key(4), {"obs": 9.0}, 96)
-    chunked = core.importance_sample(proposal, None, jax.random.key(4), {"obs": 9.0}, 96, chunk_size=32)
+    whole = importance_sample(proposal, None, jax.random.key(4), {"obs": 9.0}, 96)
+    chunked = importance_sample(proposal, None, jax.random.key(4), {"obs": 9.0}, 96, chunk_size=32)
     np.testing.assert_allclose(chunked.log_weights, whole.log_weights, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(chunked.samples["y"], whole.samples["y"], rtol=1e-5, atol=1e-5)
 
