@@ -20,7 +20,7 @@ from jaxic.tracing import trace_to_tokens
 TINY = TransformerConfig(d_model=16, num_heads=2, num_layers=1, obs_hidden=16)
 # Jitted once: eagerly, every operation of the model and network would compile on its own.
 log_prob = jax.jit(core.log_prob)
-importance_sample = jax.jit(core.importance_sample, static_argnums=(1, 4))
+importance_sample = jax.jit(core.importance_sample, static_argnums=(1, 4), static_argnames="chunk_size")
 
 
 def branching_model():
