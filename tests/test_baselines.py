@@ -81,10 +81,12 @@ def check_decoding_matches_the_whole_trace(compiled, model, num_particles=8):
     np.testing.assert_allclose(jax.jit(jax.vmap(score))(post.samples), post.log_proposal, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_lstm_decoding_matches_the_whole_trace(trained):
     check_decoding_matches_the_whole_trace(trained, functools.partial(pedagogical, M=4), num_particles=200)
 
 
+@pytest.mark.slow
 def test_decoding_matches_the_whole_trace_with_skipped_sites(masked):
     _, compiled = masked
     check_decoding_matches_the_whole_trace(compiled, masked_model)
@@ -163,6 +165,7 @@ def test_save_and_load_reproduce_the_proposal(trained, tmp_path):
     np.testing.assert_array_equal(log_prob(again), log_prob(trained))
 
 
+@pytest.mark.slow
 def test_lstm_recovers_the_gaussian_posterior_mean():
     compiled = jaxic.compile(gaussian_unknown_mean, observed=["obs"], key=jax.random.key(0), num_steps=100,
                              network="lstm", progress=False, validation_size=64)

@@ -23,6 +23,7 @@ def trained():
     return compiled, config, train_for(compiled, steps=50)
 
 
+@pytest.mark.slow
 def test_train_for_trains_in_chunks_and_leaves_the_config_alone(trained):
     compiled, config, report = trained
     assert compiled.train_config is config

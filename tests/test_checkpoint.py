@@ -11,6 +11,7 @@ def make(num_steps=40, M=2):
                          model_kwargs={"M": M}, progress=False, validation_size=64)
 
 
+@pytest.mark.slow
 def test_save_load_roundtrip_gives_identical_posteriors(tmp_path):
     compiled = make()
     compiled.save(tmp_path / "ckpt")
@@ -22,6 +23,7 @@ def test_save_load_roundtrip_gives_identical_posteriors(tmp_path):
     assert again.validation_loss() == pytest.approx(compiled.validation_loss())
 
 
+@pytest.mark.slow
 def test_resumed_training_continues_exactly(tmp_path):
     straight = make(num_steps=0).train(80, progress=False)
     interrupted = make(num_steps=0).train(40, progress=False)
@@ -33,6 +35,7 @@ def test_resumed_training_continues_exactly(tmp_path):
     assert resumed.history["loss"] == straight.history["loss"]
 
 
+@pytest.mark.slow
 def test_loading_for_a_different_model_is_a_clear_error(tmp_path):
     make().save(tmp_path / "ckpt")
     with pytest.raises(jaxic.CheckpointError, match="nuisance_2' is only in the model"):
@@ -41,6 +44,7 @@ def test_loading_for_a_different_model_is_a_clear_error(tmp_path):
         jaxic.load(tmp_path, pedagogical, model_kwargs={"M": 2})
 
 
+@pytest.mark.slow
 def test_save_overwrites_atomically_and_is_not_pickled(tmp_path):
     compiled = make()
     compiled.save(tmp_path / "ckpt")

@@ -24,6 +24,7 @@ def compile_quietly(model, observed, steps, **kwargs):
                              validation_size=256, **kwargs)
 
 
+@pytest.mark.slow
 def test_hmm_in_scan_matches_forward_backward():
     compiled = compile_quietly(hmm, ["y"], 400)
     # Time-major layout: the proposal decodes z_t when the scan reaches step t.
@@ -37,6 +38,7 @@ def test_hmm_in_scan_matches_forward_backward():
         assert post.ess / post.num_samples > 0.3
 
 
+@pytest.mark.slow
 def test_cond_branches_match_enumeration():
     def model():
         b = numpyro.sample("b", dist.Bernoulli(0.3))
@@ -57,6 +59,7 @@ def poisson_masked():
     return compile_quietly(poisson_branch, ["obs"], 500)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("obs", [4.0, -1.5])
 def test_poisson_branch_masked_matches_exact(poisson_masked, obs):
     post = poisson_masked.posterior(jax.random.key(1), {"obs": obs}, 4000)
@@ -72,6 +75,7 @@ def test_poisson_branch_masked_matches_exact(poisson_masked, obs):
     np.testing.assert_allclose(post.std(branch), exact[f"{branch}_sd"], rtol=0.1)
 
 
+@pytest.mark.slow
 def test_universal_path_python_if_matches_masked_and_exact(poisson_masked):
     with pytest.warns(UserWarning, match="universal path"):
         compiled = jaxic.compile(poisson_branch_universal, ["obs"], jax.random.key(0), num_steps=150,
@@ -90,6 +94,7 @@ def test_universal_path_python_if_matches_masked_and_exact(poisson_masked):
     assert compiled.loop.compilations() == 1
 
 
+@pytest.mark.slow
 def test_rejection_loop_matches_exact():
     compiled = compile_quietly(rejection_model, ["obs"], 500)
     post = compiled.posterior(jax.random.key(1), {"obs": 0.3}, 4000)
@@ -104,6 +109,7 @@ def test_rejection_loop_matches_exact():
         np.testing.assert_allclose(jnp.sum(post.weights * (attempts == k)), exact["attempt_probs"][k - 1], atol=0.03)
 
 
+@pytest.mark.slow
 def test_random_number_of_objects_matches_exact():
     compiled = compile_quietly(random_objects, ["obs", "count_signal"], 500)
     post = compiled.posterior(jax.random.key(1), {"obs": 3.0, "count_signal": 2.2}, 4000)
@@ -114,6 +120,7 @@ def test_random_number_of_objects_matches_exact():
     np.testing.assert_allclose(jnp.sum(post.weights * total), exact["total_mean"], atol=0.1)
 
 
+@pytest.mark.slow
 def test_variable_length_traces_train_in_one_compile():
     """Traces with 1 to 13 executed sites share one padded layout and one compiled step."""
     compiled = compile_quietly(rejection_model, ["obs"], 0)  # constant learning rate: train freely below
@@ -124,6 +131,7 @@ def test_variable_length_traces_train_in_one_compile():
     assert compiled.loop.compilations() == 1
 
 
+@pytest.mark.slow
 def test_prior_only_sites_skip_the_network():
     def model():
         u = numpyro.sample("u", dist.Normal(0.0, 1.0), infer={"jaxic": {"propose": False}})
@@ -140,6 +148,7 @@ def test_prior_only_sites_skip_the_network():
     assert jnp.all(log_q[:, compiled.spec.latent("u").offset] == 0.0)
 
 
+@pytest.mark.slow
 def test_offline_dataset_in_shards_trains(tmp_path):
     spec = write_traces(tmp_path / "traces", poisson_branch, ["obs"], num_traces=3000, key=jax.random.key(5),
                         shard_size=1000)

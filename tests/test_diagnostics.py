@@ -39,6 +39,7 @@ def gaussian():
     return compiled, untrained, trained
 
 
+@pytest.mark.slow
 def test_sbc_passes_when_trained_and_fails_when_untrained(gaussian):
     compiled, untrained, trained = gaussian
     assert trained.ranks["mu"].shape == (200,) and trained.ranks[LOG_JOINT].shape == (200,)

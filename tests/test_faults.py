@@ -91,6 +91,7 @@ def test_ctrl_c_mid_training_then_save_and_load_resumes_bit_for_bit(tmp_path):
     assert out.split() == [str(stopped), "True", "True"], out
 
 
+@pytest.mark.slow
 def test_train_needs_a_budget_and_honours_seconds():
     compiled = jaxic.compile(pedagogical, key=jax.random.key(0), **SETTINGS)
     with pytest.raises(jaxic.JaxicError, match="num_steps, seconds"):
@@ -103,6 +104,7 @@ def test_train_needs_a_budget_and_honours_seconds():
     assert compiled.history["validation_step"][-1] == compiled.step
 
 
+@pytest.mark.slow
 def test_periodic_checkpoints_keep_the_newest_and_load_resumes_from_the_latest(tmp_path):
     run = tmp_path / "run"
     compiled = jaxic.compile(pedagogical, key=jax.random.key(0), checkpoint_dir=run, checkpoint_every=25,

@@ -365,6 +365,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_save_leaves_old_or_new(tmp_path):
     script, arrays_file = tmp_path / "child.py", tmp_path / "new.npz"
     script.write_text(CHILD)

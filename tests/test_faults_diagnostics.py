@@ -119,6 +119,7 @@ def broken():
     return compiled, rep
 
 
+@pytest.mark.slow
 def test_sbc_of_an_all_nan_proposal_fails(broken):
     _, rep = broken
     result = rep.sbc

@@ -108,6 +108,7 @@ def loops_later():
         return compile_universal(loops_at_inference, network=SMALL)
 
 
+@pytest.mark.slow
 def test_posterior_stops_an_idle_loop_at_its_line(loops_later, short_timeout):
     assert loops_later.path == "universal" and loops_later.spec.timeout == TIMEOUT
     post = loops_later.posterior(jax.random.key(1), {"obs": 1.0}, 8)  # fine where the loops do not run

@@ -71,6 +71,7 @@ def nothing_computed():
     assert counter.count == 0, "something was traced or compiled"
 
 
+@pytest.mark.slow
 def test_the_guard_sees_a_compiled_call(compiled):
     """Positive control for ``nothing_computed``: a first call with a new size traces and compiles."""
     counter = CompileCounter()

@@ -72,6 +72,7 @@ def test_statistics_ignore_nonfinite_draws():
     assert float(stats.obs_loc["y"][0]) == 0.0 and float(stats.obs_scale["y"][0]) == 1.0
 
 
+@pytest.mark.slow
 def test_training_drops_nonfinite_draws_and_matches_the_clean_model(runs):
     compiled, infos = runs["faulty"]
     clean, clean_infos = runs["clean"]
@@ -95,6 +96,7 @@ def test_training_drops_nonfinite_draws_and_matches_the_clean_model(runs):
     assert "50 of 1000 draws (5.0%)" in message and "site 'y'" in message
 
 
+@pytest.mark.slow
 def test_forward_kl_loss_is_the_mean_over_finite_traces(runs):
     compiled, _ = runs["faulty"]
     spec, network = compiled.spec, compiled.network
@@ -129,6 +131,7 @@ def test_a_nan_data_row_is_named_at_compile():
 
 @pytest.mark.parametrize("objective", [objectives.elbo(num_particles=2), objectives.rws(num_particles=4)],
                          ids=lambda o: o.name)
+@pytest.mark.slow
 def test_data_objectives_drop_nan_rows_with_finite_gradients(runs, objective):
     compiled, _ = runs["clean"]
     data = {"y": jnp.array([jnp.nan, 1.0, 1.5, 2.0])}  # row 0 is NaN; minibatches draw it with replacement

@@ -46,6 +46,7 @@ def test_log_prob_normalises(head):
     np.testing.assert_allclose(total, 1.0, atol=2e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", HEADS, ids=repr)
 def test_sampling_matches_log_prob(head):
     params = random_params(head, seed=1)
@@ -64,6 +65,7 @@ def test_sampling_matches_log_prob(head):
     assert jnp.all(draws[:, used:] == 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", HEADS, ids=repr)
 def test_jit_and_vmap_agree_with_eager(head):
     params = jnp.stack([random_params(head, s) for s in range(4)])
@@ -103,6 +105,7 @@ def test_statistics_start_near_the_data(head):
         assert -log_q.mean() < gaussian_nll + 0.3 * head.dim
 
 
+@pytest.mark.slow
 def test_integer_head_proposes_non_negative_integers_and_handles_large_counts():
     head = IntegerMixtureHead(4)
     params = 0.5 * random_params(head, seed=5)  # components wide enough for the grid to resolve
@@ -120,6 +123,7 @@ def test_integer_head_proposes_non_negative_integers_and_handles_large_counts():
     np.testing.assert_allclose(head.log_prob(base, jnp.array([-3.0])), head.log_prob(base, jnp.array([0.0])))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", [h for h in HEADS if not isinstance(h, DISCRETE)], ids=repr)
 def test_continuous_samples_are_reparameterised_in_every_parameter(head):
     """The ELBO's pathwise gradient: d/dθ E_q[f(z)] through the draws equals the exact

@@ -26,6 +26,7 @@ def gaussian():
 OBS_PAIRS = [(1.0, 1.5), (-2.0, 0.5), (4.0, 6.0), (8.0, 9.0), (-7.0, -5.5)]  # the last two are far out
 
 
+@pytest.mark.slow
 def test_gaussian_posterior_matches_analytic(gaussian):
     obs = jnp.array(OBS_PAIRS)
     post = gaussian.posterior(jax.random.key(1), {"obs": obs}, num_samples=4000)
@@ -39,6 +40,7 @@ def test_gaussian_posterior_matches_analytic(gaussian):
     np.testing.assert_allclose(post.log_evidence, exact, atol=0.02)
 
 
+@pytest.mark.slow
 def test_quantiles_and_resampling_agree_with_the_weights(gaussian):
     post = gaussian.posterior(jax.random.key(2), {"obs": jnp.array([2.0, 3.0])}, num_samples=4000)
     mean, sd = gaussian_unknown_mean_posterior(jnp.array([2.0, 3.0]))
@@ -59,6 +61,7 @@ def exact_coin_posterior(flips):
     return {k: v / z for k, v in table.items()}, jnp.log(z)
 
 
+@pytest.mark.slow
 def test_discrete_posterior_matches_enumeration():
     compiled = jaxic.compile(coin_flips, observed=["flips"], key=jax.random.key(0), num_steps=600, progress=False)
     datasets = jnp.array([[1, 1, 1, 1, 0], [0, 0, 0, 1, 0], [1, 0, 1, 0, 1]], jnp.float32)
@@ -73,6 +76,7 @@ def test_discrete_posterior_matches_enumeration():
         assert post.ess[b] / post.num_samples > 0.8
 
 
+@pytest.mark.slow
 def test_pedagogical_posterior_lies_on_the_ring():
     # After so short a run ESS varies about tenfold across seeds and float rounding (ESS/N 0.008 to 0.16
     # seen); this seed is a typical one, so the ESS bound below guards against regressions, not luck.
@@ -89,6 +93,7 @@ def test_pedagogical_posterior_lies_on_the_ring():
     assert post.ess > 20 * prior_ess and post.ess / 5000 > 0.04, (post.ess, prior_ess)
 
 
+@pytest.mark.slow
 def test_training_step_and_inference_compile_once():
     calls = []
 
@@ -110,6 +115,7 @@ def test_training_step_and_inference_compile_once():
     assert len(calls) == after_first
 
 
+@pytest.mark.slow
 def test_functional_core_traces_once_and_skips_nonfinite_steps():
     compiled = jaxic.compile(pedagogical, observed=["obs"], key=jax.random.key(0), num_steps=0,
                              model_kwargs={"M": 2}, progress=False)

@@ -1,6 +1,7 @@
 """Every kind of latent: multivariate, simplex, finite and unbounded discrete, against exact posteriors."""
 
 import warnings
+import pytest
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ def dirichlet_counts():
     numpyro.sample("counts", dist.Multinomial(20, p))
 
 
+@pytest.mark.slow
 def test_multivariate_normal_in_one_token_matches_conjugate_posterior():
     compiled = compile_quietly(gaussian_vector, ["obs"], 600)
     assert compiled.spec.latent("x").num_tokens == 1 and compiled.spec.value_dim == 3
@@ -46,6 +48,7 @@ def test_multivariate_normal_in_one_token_matches_conjugate_posterior():
     assert post.ess / post.num_samples > 0.3
 
 
+@pytest.mark.slow
 def test_dirichlet_simplex_matches_conjugate_posterior():
     compiled = compile_quietly(dirichlet_counts, ["counts"], 600)
     counts = jnp.array([2.0, 12.0, 6.0])
@@ -73,6 +76,7 @@ def test_each_support_gets_its_head():
     assert heads["w"] == MixtureHead(3, 4)
 
 
+@pytest.mark.slow
 def test_poisson_latent_proposals_are_integers_and_match_the_exact_posterior():
     def model():
         n = numpyro.sample("n", dist.Poisson(6.0))

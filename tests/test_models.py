@@ -242,6 +242,7 @@ def circuit_prior():
     return jax.jit(jax.vmap(draw))(jax.random.split(jax.random.key(3), 20_000))
 
 
+@pytest.mark.slow
 def test_circuit_prior_fault_and_floor_fractions(circuit_prior):
     latents, clean, noisy = circuit_prior
     num = clean.shape[0]

@@ -407,6 +407,7 @@ def hide_tokens(tokens, positions):
 
 @pytest.mark.parametrize("check", [check_causal, check_incremental_decoding_matches_log_prob,
                                    check_jit_vmap_match_eager, check_masked_invisible], ids=lambda c: c.__name__)
+@pytest.mark.slow
 def test_network_conforms(check, network):
     net, _, data = network
     tokens = data.tokens

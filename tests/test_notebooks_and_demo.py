@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
+@pytest.mark.slow
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, monkeypatch, tmp_path):
@@ -27,6 +28,7 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
     assert not errors
 
 
+@pytest.mark.slow
 def test_demo_command_prints_a_posterior():
     out = subprocess.run([sys.executable, "-m", "jaxic", "demo", "--M", "2", "--steps", "100", "--samples", "500"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT, check=True).stdout

@@ -48,6 +48,7 @@ def check_local_posterior(compiled, data, atol_mean=0.1):
     return theta
 
 
+@pytest.mark.slow
 def test_elbo_recovers_conjugate_local_posterior_evidence_and_learns_the_model(data):
     compiled = jaxic.compile(linear_gaussian, observed=["x"], key=jax.random.key(0), num_steps=800,
                              objective="elbo", data={"x": data}, local_plate="data", batch_size=32,
@@ -63,6 +64,7 @@ def test_elbo_recovers_conjugate_local_posterior_evidence_and_learns_the_model(d
     assert calibration.passed, calibration.summary()
 
 
+@pytest.mark.slow
 def test_reweighted_wake_sleep_learns_posterior_and_model(data):
     compiled = jaxic.compile(linear_gaussian, observed=["x"], key=jax.random.key(0), num_steps=600,
                              objective=rws(num_particles=8), data={"x": data},
@@ -80,6 +82,7 @@ def mixture():
     numpyro.sample("x", dist.Normal(MEANS[z], 0.8))
 
 
+@pytest.mark.slow
 def test_elbo_score_function_reaches_exact_discrete_posterior():
     # Data points drawn from the model itself: one observation set per row.
     z = jax.random.categorical(jax.random.key(10), jnp.log(PRIOR), shape=(1024,))
@@ -95,6 +98,7 @@ def test_elbo_score_function_reaches_exact_discrete_posterior():
     np.testing.assert_allclose(proposal, exact, atol=0.06)
 
 
+@pytest.mark.slow
 def test_model_parameters_and_objective_survive_save_and_load(tmp_path, data):
     compiled = jaxic.compile(linear_gaussian, observed=["x"], key=jax.random.key(3), num_steps=80,
                              objective=elbo(num_particles=2), data={"x": data}, local_plate="data",

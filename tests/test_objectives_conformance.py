@@ -63,6 +63,7 @@ def run_steps(compiled, objective, num_steps=2):
     return state, infos
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", OBJECTIVES_UNDER_TEST, ids=IDS)
 def test_objective_conforms(compiled, objective):
     assert objectives.OBJECTIVES[objective.name](**objective.options).options == objective.options
@@ -107,6 +108,7 @@ def test_default_optimizer_decays_the_network_only_unless_asked():
         assert float(guarded[0]["w"][0]) < 0.0 and float(guarded[1]["theta"]) == 0.0
 
 
+@pytest.mark.slow
 def test_trains_model_false_keeps_model_params_whatever_the_optimizer(compiled):
     # AdamW decaying everything, not guarded: the step itself must still leave the model alone.
     unguarded = training.default_optimizer(0, warmup_steps=1, decay_model_params=True)
@@ -135,6 +137,7 @@ def test_resolve_names_instances_and_rejects_the_rest():
         objectives.rws(sleep_weight=-1)
 
 
+@pytest.mark.slow
 def test_idle_steps_of_a_chunk_have_the_step_structure(compiled):
     objective = objectives.elbo(num_particles=2)
     optimizer = training.guard(training.default_optimizer(10))
@@ -186,6 +189,7 @@ FOUR_DEVICES = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_same_loss_on_one_and_four_devices():
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(filter(None, [
                os.getcwd(), os.environ.get("PYTHONPATH")])),

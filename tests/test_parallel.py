@@ -152,6 +152,7 @@ def test_two_hosts_match_one_device():
     np.testing.assert_allclose(results[0][0], single.history["loss"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_four_devices_match_one_device():
     # Optimisation level 0 only shortens XLA's compile times; both sides run under it.
     env = {**os.environ, "JAX_PLATFORMS": "cpu",

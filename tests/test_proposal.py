@@ -50,6 +50,7 @@ def by_hand(proposal, latents, observations):
     return proposal.network.log_prob({k: jnp.float32(v) for k, v in observations.items()}, tokens).sum()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["compiled", "branching"])
 def test_log_prob_of_draws_equals_their_proposal_density(which, request):
     compiled = request.getfixturevalue(which)
@@ -96,6 +97,7 @@ def test_batches_of_latents_and_observations(compiled):
     np.testing.assert_array_equal(log_prob(proposal, {**latents, "obs": jnp.zeros(3)}, {"obs": 25.0})[0], shared)
 
 
+@pytest.mark.slow
 def test_pure_functions_compose_with_jit_vmap_and_grad(compiled):
     proposal = compiled.proposal
     latents = {"x": jnp.array([1.0, -2.0]), "y": jnp.array([4.0, 0.5]), "nuisance_0": jnp.zeros(2),
@@ -115,6 +117,7 @@ def test_pure_functions_compose_with_jit_vmap_and_grad(compiled):
     assert all(np.isfinite(norms)) and max(norms) > 0
 
 
+@pytest.mark.slow
 def test_sample_and_importance_sample_batch_over_observation_sets(compiled):
     proposal = compiled.proposal
     obs = {"obs": jnp.array([4.0, 25.0])}
@@ -152,6 +155,7 @@ def test_init_gives_the_network_compile_starts_from(compiled):
     assert fresh.spec == compiled.spec and fresh.num_parameters == compiled.num_parameters
 
 
+@pytest.mark.slow
 def test_log_prob_on_the_universal_path():
     def model():
         n = numpyro.sample("n", dist.Poisson(2.0))

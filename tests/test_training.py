@@ -25,6 +25,7 @@ def step_for(compiled, microbatch_size):
                                        compiled.proposal.model, compiled.param_constraints, microbatch_size))
 
 
+@pytest.mark.slow
 def test_a_microbatched_step_averages_the_loss_and_gradient_of_its_slices(compiled):
     state = compiled.state
     steps = {m: step_for(compiled, m).lower(state).compile() for m in (None, 2)}
@@ -57,6 +58,7 @@ def test_microbatch_size_must_divide_the_batch():
                       microbatch_size=3, model_kwargs={"M": 1}, network=TINY, progress=False)
 
 
+@pytest.mark.slow
 def test_compile_trains_with_micro_batches_and_keeps_the_setting_in_checkpoints(tmp_path):
     kw = dict(observed=["obs"], key=jax.random.key(0), batch_size=8, validation_size=16,
               model_kwargs={"M": 1}, network=TINY, progress=False)
