@@ -92,6 +92,7 @@ def test_decoding_matches_the_whole_trace_with_skipped_sites(masked):
     check_decoding_matches_the_whole_trace(compiled, masked_model)
 
 
+@pytest.mark.slow
 def test_names_select_the_baselines(masked):
     name, compiled = masked
     assert type(compiled.network_config) is NETWORKS[name]
@@ -134,6 +135,7 @@ def test_feedforward_ignores_earlier_latents(masked):
     assert not np.allclose(log_prob({"obs": obs["obs"] + 5.0}, tokens), base)
 
 
+@pytest.mark.slow
 def test_lstm_conditions_on_earlier_latents_and_the_observation(trained):
     """Unlike the feed-forward baseline, every later proposal sees a changed latent (that nothing earlier
     does is checked for every network in test_network_conformance.py)."""
@@ -148,6 +150,7 @@ def test_lstm_conditions_on_earlier_latents_and_the_observation(trained):
     assert not np.allclose(log_prob({"obs": obs["obs"] + 50.0}, tokens), base)
 
 
+@pytest.mark.slow
 def test_lstm_trains_and_infers(trained):
     loss = np.asarray(trained.history["loss"])
     assert loss[-20:].mean() < loss[:20].mean() - 0.3, (loss[:20].mean(), loss[-20:].mean())
@@ -156,6 +159,7 @@ def test_lstm_trains_and_infers(trained):
     assert post.samples["y"].shape == (200,) and np.isfinite(float(post.ess)) and float(post.ess) > 1.0
 
 
+@pytest.mark.slow
 def test_save_and_load_reproduce_the_proposal(trained, tmp_path):
     trained.save(tmp_path / "ckpt")
     again = jaxic.load(tmp_path / "ckpt", pedagogical, model_kwargs={"M": 4})

@@ -11,6 +11,9 @@ from benchmarks.flops import dot_flops, matmul_flops, matmul_products
 from benchmarks.pedagogical_metrics import heldout_log_q, heldout_loss, train_for
 from jaxic.models import pedagogical
 
+# Every test here needs a trained or compiled network: the slow tier.
+pytestmark = pytest.mark.slow
+
 TINY = jaxic.TransformerConfig(d_model=16, num_layers=1, num_heads=2, num_components=2)
 NUM_HELDOUT = 200
 
@@ -23,7 +26,6 @@ def trained():
     return compiled, config, train_for(compiled, steps=50)
 
 
-@pytest.mark.slow
 def test_train_for_trains_in_chunks_and_leaves_the_config_alone(trained):
     compiled, config, report = trained
     assert compiled.train_config is config

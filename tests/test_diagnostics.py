@@ -53,6 +53,7 @@ def test_sbc_passes_when_trained_and_fails_when_untrained(gaussian):
     assert weighted.weighted and weighted.passed, weighted.summary()
 
 
+@pytest.mark.slow
 def test_coverage_of_trained_proposal_is_near_nominal(gaussian):
     compiled, _, trained = gaussian
     cov = diagnostics.coverage(trained, levels=(0.5, 0.8, 0.95))

@@ -88,6 +88,7 @@ def test_slashes_in_site_names_and_unknown_sites():
         jaxic.to_arviz(post, sites=["z"])
 
 
+@pytest.mark.slow
 def test_round_trip_from_a_compiled_model():
     tiny = jaxic.TransformerConfig(d_model=32, num_layers=1, num_heads=2, num_components=4)
     compiled = jaxic.compile(MODEL, observed=["obs"], key=jax.random.key(0), num_steps=0, network=tiny,

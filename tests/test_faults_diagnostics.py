@@ -130,6 +130,7 @@ def test_sbc_of_an_all_nan_proposal_fails(broken):
     assert not rep.coverage.passed and rep.coverage.invalid == {"mu": 20}
 
 
+@pytest.mark.slow
 def test_report_of_an_all_nan_proposal_is_not_ok(broken):
     _, rep = broken
     assert not rep.ok

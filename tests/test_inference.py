@@ -144,6 +144,7 @@ def test_functional_core_traces_once_and_skips_nonfinite_steps():
     assert int(state.step) == 20
 
 
+@pytest.mark.slow
 def test_batched_posterior_matches_single_posteriors(gaussian):
     obs = jnp.array([[0.0, 1.0], [3.0, 5.0]])
     batch = gaussian.posterior(jax.random.key(4), {"obs": obs}, num_samples=3000)

@@ -13,6 +13,9 @@ import jaxic
 from jaxic.models import pedagogical
 from jaxic.tracing import trace_to_tokens
 
+# Every test here needs a trained or compiled network: the slow tier.
+pytestmark = pytest.mark.slow
+
 
 def masked_model():
     n = numpyro.sample("n", dist.Categorical(jnp.ones(3) / 3))
@@ -39,7 +42,6 @@ def one_trace(compiled, i=0):
     return jax.tree.map(lambda a: a[i], tokens), jax.tree.map(lambda a: a[i], obs)
 
 
-@pytest.mark.slow
 def test_every_later_proposal_sees_a_changed_latent(compiled):
     """The transformer conditions on x_<t (that it conditions on nothing later is checked for every network
     in test_network_conformance.py)."""
@@ -76,7 +78,6 @@ def test_proposal_depends_on_the_observation(compiled):
     assert not np.allclose(net.log_prob({"obs": obs["obs"] + 50.0}, tokens), net.log_prob(obs, tokens))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("which", ["compiled", "compiled_masked"])
 def test_incremental_decoding_matches_the_full_sequence(which, request):
     compiled = request.getfixturevalue(which)

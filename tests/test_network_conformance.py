@@ -33,6 +33,9 @@ from jaxic.networks import (NETWORKS, FeedForwardConfig, LSTMConfig, ProposalSta
                             TransformerProposal, proposal_statistics)
 from jaxic.tracing import derive_trace_spec, sample_joint
 
+# Every test here needs a trained or compiled network: the slow tier.
+pytestmark = pytest.mark.slow
+
 # Every registered network, tiny. A network added to NETWORKS must be added here (a test checks it).
 NETWORKS_UNDER_TEST = {
     "transformer": TransformerConfig(d_model=16, num_heads=2, num_layers=1, mlp_ratio=2, num_components=2,
@@ -407,7 +410,6 @@ def hide_tokens(tokens, positions):
 
 @pytest.mark.parametrize("check", [check_causal, check_incremental_decoding_matches_log_prob,
                                    check_jit_vmap_match_eager, check_masked_invisible], ids=lambda c: c.__name__)
-@pytest.mark.slow
 def test_network_conforms(check, network):
     net, _, data = network
     tokens = data.tokens

@@ -66,6 +66,7 @@ def test_log_prob_of_draws_equals_their_proposal_density(which, request):
                                rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_sites_that_did_not_run_contribute_nothing(branching):
     proposal = branching.proposal
     latents = {"n": jnp.int32(0), "size": jnp.array([1.5, 2.0, 3.0])}
