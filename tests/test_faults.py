@@ -13,6 +13,7 @@ import textwrap
 import time
 
 import chex
+import numpy as np
 import jax
 import pytest
 
@@ -122,3 +123,22 @@ def test_a_checkpoint_dir_with_user_files_is_refused_before_training(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1
     with pytest.raises(jaxic.JaxicError, match="checkpoint_every needs checkpoint_dir"):
         jaxic.compile(pedagogical, key=jax.random.key(0), checkpoint_every=10, **SETTINGS)
+
+
+@pytest.mark.slow
+def test_training_warns_when_over_one_percent_of_draws_are_dropped_and_names_the_site():
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+
+    def model():  # y is NaN whenever x > 2: about 2.3% of the joint draws
+        x = numpyro.sample("x", dist.Normal(0.0, 1.0))
+        y = numpyro.sample("y", dist.Normal(jnp.log(2.0 - x), 1.0))
+        numpyro.sample("obs", dist.Normal(y, 1.0))
+
+    with pytest.warns(UserWarning, match=r"were dropped from training because they were not finite.*'y'"):
+        compiled = jaxic.compile(model, observed=["obs"], key=jax.random.key(0), num_steps=50, batch_size=32,
+                                 validation_size=64, network=TINY, progress=False)
+    dropped = sum(compiled.history["dropped"])
+    assert 0.01 * 50 * 32 < dropped < 0.05 * 50 * 32 and len(compiled.history["dropped"]) == compiled.step
+    assert not compiled.history["skipped"] and all(map(np.isfinite, compiled.history["validation_loss"]))
