@@ -10,7 +10,7 @@ from jaxic import control_flow, diagnostics, parallel, proposal, validation
 from jaxic.api import CompiledModel, TrainConfig, compile, load
 from jaxic.control_flow import bounded_while, rejection_sample
 from jaxic.errors import (CheckpointError, IndexOutOfRangeError, JaxicError, ModelError, ObservationError,
-                          UnsupportedDistributionError, UntraceableModelError)
+                          UnknownSiteError, UnsupportedDistributionError, UntraceableModelError)
 from jaxic.export import to_arviz
 from jaxic.inference import Posterior
 from jaxic.proposal import Proposal, importance_sample
@@ -21,7 +21,8 @@ __version__ = "0.1.0"
 
 __all__ = ["control_flow", "bounded_while", "rejection_sample", "TraceDataset", "TraceWriter", "write_traces",
            "CompiledModel", "TrainConfig", "compile", "load", "CheckpointError", "JaxicError", "ModelError",
-           "ObservationError", "UnsupportedDistributionError", "IndexOutOfRangeError", "UntraceableModelError",
+           "ObservationError", "UnsupportedDistributionError", "IndexOutOfRangeError", "UnknownSiteError",
+           "UntraceableModelError",
            "Posterior",
            "importance_sample", "TransformerConfig", "TraceSpec", "derive_trace_spec", "sample_joint",
            "diagnostics", "to_arviz", "parallel", "proposal", "Proposal", "validation"]

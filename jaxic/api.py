@@ -232,6 +232,14 @@ class CompiledModel:
             >>> compiled.log_prob({"x": jnp.zeros(5), "y": jnp.ones(5)}, {"obs": 25.0}).shape   # (5,)
         """
         observations = self.checked_observations(observations)
+        for name, value in latents.items() if isinstance(latents, Mapping) else ():
+            array = np.asarray(value, dtype=object if isinstance(value, str) else None)
+            if array.dtype.kind not in "biuf":
+                raise ObservationError(f"latent '{name}' is {value!r} of type {type(value).__name__}; give a number "
+                                       "or an array of numbers.")
+            if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+                raise ObservationError(f"latent '{name}' has non-finite values (NaN or inf); log q is defined for "
+                                       "finite values only.")
         if self.spec.dynamic:  # the model is Python: it runs eagerly per latent set
             return core.log_prob(self.proposal, latents, observations)[0]
         return _log_prob(self.proposal, latents, observations)

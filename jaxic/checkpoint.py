@@ -51,6 +51,9 @@ __all__ = ["FORMAT_VERSION", "PeriodicCheckpointer", "read_arrays", "read_metada
 # Ownership: jaxic writes into a folder only when it is new, empty, or a jaxic checkpoint.
 
 def _as_path(path: str | os.PathLike, action: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"cannot {action} {path!r}: a checkpoint path is a str or os.PathLike, got "
+                              f"{type(path).__name__}; give a folder name such as 'proposal_ckpt'.")
     if isinstance(path, str) and not path.strip():
         raise CheckpointError(f"cannot {action} an empty path ''; give a folder name such as 'proposal_ckpt'.")
     return Path(path).expanduser().absolute()

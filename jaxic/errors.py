@@ -24,6 +24,13 @@ class UnsupportedDistributionError(JaxicError):
     """A latent site has a distribution for which no proposal head exists yet."""
 
 
+class UnknownSiteError(JaxicError, KeyError):
+    """A site name that the model or the posterior does not have."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
 class CheckpointError(JaxicError):
     """A checkpoint is missing, incomplete, or written for another model."""
 

@@ -277,7 +277,11 @@ def _latent_batch(proposal: Proposal, latents: Mapping[str, Any]) -> tuple[dict[
     for site in spec.latents:
         if site.name not in latents:
             continue
-        value = jnp.asarray(latents[site.name])
+        value = latents[site.name]
+        if not isinstance(value, jax.Array) and np.asarray(value).dtype.kind not in "biuf":
+            raise ObservationError(f"latent '{site.name}' is {value!r} of type {type(value).__name__}; give a number "
+                                   "or an array of numbers.")
+        value = jnp.asarray(value)
         shape = tuple(site.batch_shape) + tuple(site.event_shape)
         if proposal.plate is not None:
             shape = shape[1:]

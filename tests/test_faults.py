@@ -142,3 +142,19 @@ def test_training_warns_when_over_one_percent_of_draws_are_dropped_and_names_the
     dropped = sum(compiled.history["dropped"])
     assert 0.01 * 50 * 32 < dropped < 0.05 * 50 * 32 and len(compiled.history["dropped"]) == compiled.step
     assert not compiled.history["skipped"] and all(map(np.isfinite, compiled.history["validation_loss"]))
+
+
+def test_paths_latents_and_site_names_of_the_wrong_kind_are_named(tmp_path):
+    compiled = jaxic.compile(pedagogical, key=jax.random.key(0), **SETTINGS)
+    for path in (None, 3):
+        with pytest.raises(jaxic.CheckpointError, match="str or os.PathLike"):
+            compiled.save(path)
+    latents = {"x": 1.0, "y": 2.0, "nuisance_0": 0.0, "nuisance_1": 0.0}
+    with pytest.raises(jaxic.ObservationError, match="latent 'x' is 'a' of type str"):
+        compiled.log_prob({**latents, "x": "a"}, {"obs": 5.0})
+    with pytest.raises(jaxic.ObservationError, match="latent 'y' has non-finite values"):
+        compiled.log_prob({**latents, "y": float("nan")}, {"obs": 5.0})
+    post = compiled.posterior(jax.random.key(1), {"obs": 5.0}, 8)
+    with pytest.raises(jaxic.UnknownSiteError, match="no latent site 'z'.*'nuisance_0'"):
+        post.mean("z")
+    assert list(tmp_path.iterdir()) == []

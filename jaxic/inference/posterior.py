@@ -11,7 +11,7 @@ import numpy as np
 from jax.scipy.special import logsumexp
 
 from jaxic import validation
-from jaxic.errors import IndexOutOfRangeError
+from jaxic.errors import IndexOutOfRangeError, UnknownSiteError
 
 
 @jax.tree_util.register_dataclass
@@ -68,7 +68,7 @@ class Posterior:
 
     def _weights_for(self, name: str) -> tuple[jax.Array, jax.Array]:
         if name not in self.samples:
-            raise KeyError(f"no latent site '{name}'; sites are {sorted(self.samples)}")
+            raise UnknownSiteError(f"no latent site '{name}' in this posterior; its sites are {sorted(self.samples)}.")
         x = self.samples[name]
         extra = x.ndim - self.log_weights.ndim
         w = jnp.broadcast_to(self.weights.reshape(self.weights.shape + (1,) * extra), x.shape)
