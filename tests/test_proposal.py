@@ -1,6 +1,5 @@
 """The public functional core: ``jaxic.Proposal`` and the pure functions of ``jaxic.proposal``."""
 
-import functools
 
 import chex
 import jax

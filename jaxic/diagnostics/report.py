@@ -11,7 +11,6 @@ import dataclasses
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxic.diagnostics.calibration import CoverageResult, SBCResult, coverage, sbc
