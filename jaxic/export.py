@@ -190,3 +190,63 @@ def to_arviz(posterior, key: jax.Array | None = None, num_draws: int | None = No
                            "ess": np.asarray(ess(log_w)).tolist(),
                            "log_evidence": (logsumexp(log_w, axis=-1) - np.log(num_particles)).tolist()}}
     return from_dict(data, dims=var_dims, coords=dict(coords or {}), attrs=attrs)
+
+
+SBC_GROUP = "prior_sbc"
+"""Group of :func:`sbc_to_arviz`'s ``DataTree``: the group arviz-plots' ``plot_ecdf_pit`` reads by default."""
+
+
+def sbc_to_arviz(result, *, dims: Mapping[str, Sequence[str]] | None = None, coords: Mapping[str, Any] | None = None):
+    """An ArviZ ``DataTree`` of SBC ranks (a :class:`jaxic.diagnostics.SBCResult`).
+
+    One group, ``prior_sbc``, holding per site its normalised ranks in (0, 1) with
+    dimensions ``(chain, draw, *site dims)``: one chain, one draw per simulated data set,
+    the layout arviz-plots' ``plot_ecdf_pit`` (default group ``prior_sbc``, sample dims
+    ``chain`` and ``draw``) and arviz-stats' ``ecdf`` with ``pit=True`` read. The ranks of
+    ``log p(x, y)`` are the variable ``log_joint``; ``'/'`` in site names becomes ``'.'``.
+    Site dimensions are ``{site}_dim_{i}`` unless ``dims`` names them. The group's attributes
+    carry ``num_draws``, ``weighted``, ``alpha``, ``passed`` and ``failing_sites``.
+
+    A rank is NaN where the site did not run in that data set or its draws were not
+    finite; ArviZ's ECDF counts a NaN as larger than every point, so such ranks bend its
+    curve: a warning names the sites that have them (select the finite ones, or plot with
+    ``result.plot(kind="ecdf")``, which leaves them out).
+
+    Example:
+        >>> tree = jaxic.export.sbc_to_arviz(jaxic.diagnostics.sbc(compiled, jax.random.key(0)))
+        >>> arviz_plots.plot_ecdf_pit(tree)
+    """
+    from jaxic.diagnostics.calibration import LOG_JOINT, SBCResult
+
+    if not isinstance(result, SBCResult):
+        raise JaxicError(f"sbc_to_arviz takes a jaxic.diagnostics.SBCResult (from sbc() or SBCResult.from_ranks), "
+                         f"not {type(result).__name__}.")
+    from_dict = _from_dict()
+    names = {name: "log_joint" if name == LOG_JOINT else _variable_name(name) for name in result.ranks}
+    if len(set(names.values())) != len(names):
+        raise JaxicError(f"SBC variable names collide in ArviZ form (LOG_JOINT becomes 'log_joint', '/' becomes "
+                         f"'.'): {sorted(names)}; rename the site or build the result without log_density.")
+    dims = dict(dims or {})
+    unknown = set(dims) - set(result.ranks) - set(names.values())
+    if unknown:
+        raise JaxicError(f"dims names {sorted(unknown)}, which have no SBC ranks; ranks are given for "
+                         f"{sorted(result.ranks)}.")
+    group, var_dims, sizes, missing = {}, {}, {}, []
+    for name, u in result.ranks.items():
+        var = names[name]
+        group[var] = np.asarray(u, np.float64)[None]
+        given = {k: dims[k] for k in (name, var) if k in dims}
+        var_dims[var] = _site_dims(name, u.shape[1:], {}, {name: next(iter(given.values()))} if given else {}, sizes)
+        bad = int(np.any(np.isnan(u).reshape(u.shape[0], -1), axis=1).sum())
+        if bad:
+            missing.append(f"'{name}' in {bad} of {result.num_datasets}")
+    if missing:
+        import warnings
+
+        warnings.warn(f"SBC ranks are NaN (site not run, or non-finite draws) for {', '.join(missing)} data sets; "
+                      "ArviZ's ECDF counts NaN above every point, so its PIT-ECDF plot of these variables is biased "
+                      "low: select the finite ranks first, or use result.plot(kind='ecdf').", stacklevel=2)
+    attrs = {SBC_GROUP: {"inference_library": "jaxic", "num_draws": int(result.num_draws),
+                         "weighted": int(result.weighted), "alpha": float(result.alpha),
+                         "passed": int(result.passed), "failing_sites": list(result.failing_sites)}}
+    return from_dict({SBC_GROUP: group}, dims=var_dims, coords=dict(coords or {}), attrs=attrs)

@@ -151,3 +151,16 @@ def test_missing_optional_dependencies_say_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(jaxic.JaxicError, match=r'pip install "jaxic\[plots\]"'):
         SBCResult.from_ranks({"theta": np.linspace(0.01, 0.99, 50)}, num_draws=10).plot()
+
+
+@pytest.mark.slow
+def test_tarp_and_arviz_export_of_a_trained_proposal(gaussian):
+    compiled, _, trained = gaussian
+    result = diagnostics.tarp(compiled, jax.random.key(13), num_datasets=200, num_samples=100)
+    assert result.num_datasets == 200 and result.num_draws == 100 and result.passed, result.summary()
+    assert abs(result.atc) < 0.05
+    with pytest.raises(jaxic.JaxicError, match=r"\['nope'\] are not latent sites"):
+        diagnostics.tarp(compiled, jax.random.key(13), sites=["nope"])
+    tree = trained.to_arviz()
+    np.testing.assert_array_equal(tree["prior_sbc"]["mu"].values[0], trained.ranks["mu"])
+    np.testing.assert_array_equal(tree["prior_sbc"]["log_joint"].values[0], trained.ranks[LOG_JOINT])

@@ -27,7 +27,7 @@ import numpy as np
 from scipy import stats
 
 from jaxic.diagnostics.weights import resample_indices
-from jaxic.errors import JaxicError
+from jaxic.errors import JaxicError, MissingDependencyError
 from jaxic.inference.importance import log_joint
 from jaxic.tracing.params import ParameterisedModel
 from jaxic.tracing.spec import run_model, site_mask
@@ -344,9 +344,24 @@ class SBCResult:
             lines.append(f"  {name:>16}  min adj. p {shown:>9}  {verdict}")
         return "\n".join(lines)
 
-    def plot(self, sites: Sequence[str] | None = None, kind: str = "hist", max_elements: int = 4):
-        """Rank histograms with the 99% binomial band (``kind="hist"``), or the ECDF minus
-        the uniform CDF with a pointwise 99% band (``kind="ecdf"``). Returns the figure.
+    def to_arviz(self, *, dims: dict[str, Sequence[str]] | None = None, coords: dict | None = None):
+        """The ranks as an ArviZ ``DataTree`` with a ``prior_sbc`` group, as arviz-plots'
+        ``plot_ecdf_pit`` reads it (see :func:`jaxic.export.sbc_to_arviz`).
+
+        Example:
+            >>> tree = result.to_arviz()
+            >>> arviz_plots.plot_ecdf_pit(tree)          # arviz-plots' own PIT-ECDF plot
+        """
+        from jaxic.export import sbc_to_arviz  # export imports this package: import when called
+
+        return sbc_to_arviz(self, dims=dims, coords=coords)
+
+    def plot(self, sites: Sequence[str] | None = None, kind: str = "hist", max_elements: int = 4,
+             level: float = 0.99):
+        """Rank histograms with the pointwise binomial band of each bin (``kind="hist"``), or
+        the ECDF of the ranks minus the uniform CDF with a SIMULTANEOUS band
+        (``kind="ecdf"``, :func:`ecdf_band`: a calibrated proposal's whole curve stays inside
+        with probability ``level``). Returns the figure.
 
         Example:
             >>> result.plot(["mu", LOG_JOINT], kind="ecdf").savefig("sbc.png")
@@ -356,6 +371,8 @@ class SBCResult:
         plt = pyplot()
         if kind not in ("hist", "ecdf"):
             raise JaxicError(f"kind must be 'hist' or 'ecdf', got {kind!r}.")
+        if not 0.0 < level < 1.0:
+            raise JaxicError(f"level must lie strictly between 0 and 1, got {level!r}.")
         panels = []
         for name in (list(self.ranks) if sites is None else list(sites)):
             if name not in self.ranks:
@@ -371,25 +388,65 @@ class SBCResult:
             n = u.size
             colour = "tab:blue" if ok else "tab:red"
             if kind == "hist":
-                lo, hi = stats.binom.ppf([0.005, 0.995], n, 1.0 / self.num_bins)
-                ax.axhspan(lo, hi, color="0.85", zorder=0, label="99% band")
+                lo, hi = stats.binom.ppf([(1 - level) / 2, (1 + level) / 2], n, 1.0 / self.num_bins)
+                ax.axhspan(lo, hi, color="0.85", zorder=0, label=f"{level:.0%} band (per bin)")
                 ax.axhline(n / self.num_bins, color="0.5", lw=0.8)
                 ax.hist(u, bins=self.num_bins, range=(0, 1), color=colour, alpha=0.8)
                 ax.set_ylabel("count")
-            else:
-                z = np.linspace(0, 1, 201)
-                ecdf = np.searchsorted(np.sort(u), z, side="right") / max(n, 1)
-                lo, hi = (stats.binom.ppf([[0.005], [0.995]], n, z) / max(n, 1)) - z
-                ax.fill_between(z, lo, hi, color="0.85", label="99% band (pointwise)")
+            elif n >= 2:
+                z, lo, hi = ecdf_band(n, level)
+                ecdf = np.searchsorted(np.sort(u), z, side="right") / n
+                ax.fill_between(z, lo - z, hi - z, color="0.85", label=f"{level:.0%} band (simultaneous)")
                 ax.axhline(0.0, color="0.5", lw=0.8)
-                ax.plot(z, ecdf - z, color=colour)
+                ax.step(z, ecdf - z, where="post", color=colour)
                 ax.set_ylabel("ECDF − uniform")
+            else:
+                ax.text(0.5, 0.5, f"{n} finite rank(s): no ECDF", ha="center", va="center", transform=ax.transAxes)
             ax.set_xlabel("normalised rank")
             ax.set_title(label + ("" if ok else " (fails)"), fontsize=10)
         for ax in list(axes.flat)[len(panels):]:
             ax.set_visible(False)
         fig.tight_layout()
         return fig
+
+
+@functools.lru_cache(maxsize=64)
+def _ecdf_band(num_ranks: int, level: float, num_simulations: int, seed: int):
+    try:
+        from arviz_stats.ecdf_utils import ecdf_pit
+    except ImportError:
+        raise MissingDependencyError('simultaneous ECDF bands need arviz-stats: pip install "jaxic[arviz]"') from None
+    # The band depends on the number of ranks only; arviz-plots passes the same placeholder values.
+    z, _, lower, upper = ecdf_pit(np.linspace(0.0, 1.0, num_ranks), level, num_simulations,
+                                  rng=np.random.default_rng(seed))
+    out = tuple(np.asarray(a, np.float64) for a in (z, lower, upper))
+    for a in out:
+        a.flags.writeable = False  # cached: callers share these arrays
+    return out
+
+
+def ecdf_band(num_ranks: int, level: float = 0.99, *, num_simulations: int = 1000,
+              seed: int = 214) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Simultaneous ``level`` band for the ECDF of ``num_ranks`` Uniform(0, 1) ranks.
+
+    Returns ``(points, lower, upper)``: at ``points = (1, ..., n - 1) / n`` the ECDF of
+    calibrated ranks lies in ``[lower, upper]`` at EVERY point at once with probability
+    about ``level`` (Säilynoja, Bürkner and Vehtari 2022, simulation method with
+    ``num_simulations`` draws, computed by arviz-stats' ``ecdf_pit``). The defaults give the
+    band arviz-plots' ``plot_ecdf_pit`` draws. A pointwise band of the same level is far
+    narrower and is left by a calibrated proposal's curve most of the time.
+
+    Example:
+        >>> z, lo, hi = ecdf_band(200, 0.99)
+        >>> inside = np.all((lo <= ecdf) & (ecdf <= hi))   # ecdf of 200 ranks at z
+    """
+    if int(num_ranks) != num_ranks or num_ranks < 2:
+        raise JaxicError(f"num_ranks must be an integer >= 2 (the number of ranks in the ECDF), got {num_ranks!r}.")
+    if not 0.0 < level < 1.0:
+        raise JaxicError(f"level must lie strictly between 0 and 1, got {level!r}.")
+    if int(num_simulations) != num_simulations or num_simulations < 1:
+        raise JaxicError(f"num_simulations must be a positive integer, got {num_simulations!r}.")
+    return _ecdf_band(int(num_ranks), float(level), int(num_simulations), int(seed))
 
 
 def sbc(compiled, key: jax.Array, num_datasets: int = 200, num_samples: int = 100,
