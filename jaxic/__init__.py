@@ -12,7 +12,7 @@ from jaxic.control_flow import bounded_while, rejection_sample
 from jaxic.errors import (CheckpointError, IndexOutOfRangeError, JaxicError, ModelError, ObservationError,
                           UnknownSiteError, UnsupportedDistributionError, UntraceableModelError)
 from jaxic.export import to_arviz
-from jaxic.inference import Posterior
+from jaxic.inference import Posterior, predictive
 from jaxic.proposal import Proposal, importance_sample
 from jaxic.networks import TransformerConfig
 from jaxic.tracing import TraceDataset, TraceSpec, TraceWriter, derive_trace_spec, sample_joint, write_traces
@@ -23,6 +23,6 @@ __all__ = ["control_flow", "bounded_while", "rejection_sample", "TraceDataset", 
            "CompiledModel", "TrainConfig", "compile", "load", "CheckpointError", "JaxicError", "ModelError",
            "ObservationError", "UnsupportedDistributionError", "IndexOutOfRangeError", "UnknownSiteError",
            "UntraceableModelError",
-           "Posterior",
+           "Posterior", "predictive",
            "importance_sample", "TransformerConfig", "TraceSpec", "derive_trace_spec", "sample_joint",
            "diagnostics", "to_arviz", "parallel", "proposal", "Proposal", "validation"]

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from jaxic import checkpoint, loops, parallel, proposal as core, training
 from jaxic import validation as checks
 from jaxic.errors import CheckpointError, JaxicError, ModelError, ObservationError
-from jaxic.inference import Posterior
+from jaxic.inference import Posterior, predictive
 from jaxic.networks import NETWORKS
 from jaxic import objectives
 from jaxic.objectives import OBJECTIVES, forward_kl_loss
@@ -223,6 +223,24 @@ class CompiledModel:
             >>> compiled.sample(jax.random.key(0), {"obs": 25.0}, 1000)["x"].shape   # (1000,)
         """
         return self.posterior(key, observations, num_samples).samples
+
+    def predictive(self, key: jax.Array, observations: Mapping[str, Any], num_samples: int = 1000, *,
+                   num_particles: int | None = None) -> dict[str, jax.Array]:
+        """Posterior predictive draws of the observed and deterministic sites, batched like :meth:`posterior`
+        (``num_particles``, default ``num_samples``, importance-sampling particles; see :func:`jaxic.predictive`).
+
+        Example:
+            >>> compiled.predictive(jax.random.key(0), {"obs": jnp.array([4.0, 25.0])}, 500)["obs"].shape  # (2, 500)
+        """
+        post_key, draw_key = jax.random.split(checks.prng_key("key", key))
+        post = self.posterior(post_key, observations, num_samples if num_particles is None else num_particles)
+        if self.plate is None:
+            return predictive(self.bound_model, post, draw_key, num_samples)
+        axis = len(post.batch_shape) + 1  # the element model keeps its plate axis (length one)
+        post = dataclasses.replace(post, samples={s.name: jnp.expand_dims(post.samples[s.name], axis)
+                                                  for s in self.spec.latents})
+        return {k: v.squeeze(axis) if v.ndim > axis and v.shape[axis] == 1 else v
+                for k, v in predictive(self.bound_model, post, draw_key, num_samples).items()}
 
     def log_prob(self, latents: Mapping[str, Any], observations: Mapping[str, Any]) -> jax.Array:
         """``log q(latents | observations)`` under the proposal, one value per latent set

@@ -264,7 +264,8 @@ def _latent_batch(proposal: Proposal, latents: Mapping[str, Any]) -> tuple[dict[
     unknown = set(latents) - set(names)
     if unknown:  # Predictive and MCMC also return observed and deterministic sites: those are not scored
         trace = abstract_trace(proposal.model) if not spec.dynamic else {}
-        other = {o.name for o in spec.observed} | {n for n, site in trace.items() if site["type"] == "deterministic"}
+        other = ({o.name for o in spec.observed} | {d.name for d in spec.deterministic}
+                 | {n for n, site in trace.items() if site["type"] == "deterministic"})
         if unknown - other:
             raise ObservationError(f"{sorted(unknown - other)} are not latent sites of this model; its latent sites "
                                    f"are {names}.")
@@ -448,8 +449,8 @@ def importance_sample(proposal: Proposal, model: Callable | None, key: jax.Array
         if not batch_shape:
             return run(key, obs)
         keys = jax.random.split(key, batch_shape[0])
-        return jax.tree.map(lambda *xs: jnp.stack(xs),
-                            *[run(keys[i], {k: v[i] for k, v in obs.items()}) for i in range(batch_shape[0])])
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *_same_sites(
+            [run(keys[i], {k: v[i] for k, v in obs.items()}) for i in range(batch_shape[0])]))
     network = proposal.network
 
     def single(k, o):
@@ -459,9 +460,24 @@ def importance_sample(proposal: Proposal, model: Callable | None, key: jax.Array
     result = single(key, obs) if not batch_shape else jax.vmap(single)(jax.random.split(key, batch_shape[0]), obs)
     if proposal.plate is not None:  # drop the element's plate axis (length one) after the particles
         axis = len(batch_shape) + 1
-        result = dataclasses.replace(result, samples={k: v.squeeze(axis) for k, v in result.samples.items()},
-                                     executed={k: v.squeeze(axis) for k, v in result.executed.items()})
+        # Deterministic sites computed outside the plate have no such axis.
+        squeeze = lambda v: v.squeeze(axis) if v.ndim > axis and v.shape[axis] == 1 else v
+        result = dataclasses.replace(result, samples={k: squeeze(v) for k, v in result.samples.items()},
+                                     executed={k: squeeze(v) for k, v in result.executed.items()})
     return result
+
+
+def _same_sites(posteriors: list[Posterior]) -> list[Posterior]:
+    """Eager posteriors of several observation sets with the same sites: a deterministic site that
+    only some sets' particles reached gets zeros and ``executed`` False in the others."""
+    like = {k: v for p in posteriors for k, v in p.samples.items()}
+    out = []
+    for p in posteriors:
+        missing = {k: v for k, v in like.items() if k not in p.samples}
+        out.append(p if not missing else dataclasses.replace(
+            p, samples={**p.samples, **{k: jnp.zeros_like(v) for k, v in missing.items()}},
+            executed={**p.executed, **{k: jnp.zeros(v.shape, bool) for k, v in missing.items()}}))
+    return out
 
 
 def sample(proposal: Proposal, key: jax.Array, observations: Mapping[str, Any], num_samples: int, *,
@@ -469,7 +485,8 @@ def sample(proposal: Proposal, key: jax.Array, observations: Mapping[str, Any], 
     """Raw proposal draws ``x ~ q(x | y)`` as ``{site: value}``, without weights: the amortized
     posterior itself (leading axes: observation sets if batched, then draws).
 
-    Sites that did not run in a draw hold a placeholder value.
+    ``numpyro.deterministic`` sites are included, as ``Predictive`` returns them. Sites that did
+    not run in a draw hold a placeholder value.
 
     Example:
         >>> draws = jaxic.proposal.sample(proposal, jax.random.key(0), {"obs": 25.0}, 1000)

@@ -24,7 +24,8 @@ from jaxic.inference.posterior import Posterior
 from jaxic.parallel import shard_batch
 from jaxic.tracing import TraceSpec
 from jaxic.tracing.limits import limit_sites, time_limit, time_limit_paused
-from jaxic.tracing.spec import as_tokens, from_tokens, site_mask
+from jaxic.tracing.spec import as_tokens, deterministic_values, from_tokens, site_mask
+from jaxic.tracing.universal import stack_deterministic
 from jaxic.tracing.traces import Tokens, trace_to_tokens
 
 
@@ -109,6 +110,9 @@ def sample_particles(network, spec: TraceSpec, model: Callable, key: jax.Array,
         log_p = log_joint(trace)
         samples = {s.name: trace[s.name]["value"] for s in spec.latents}
         executed = {s.name: site_mask(trace[s.name]["fn"], s.batch_shape) for s in spec.latents}
+        # Deterministic sites of the final run, as Predictive reports them; jitted, every site runs.
+        samples.update(deterministic_values(trace, spec))
+        executed.update({d.name: jnp.ones(d.shape, bool) for d in spec.deterministic})
         return samples, log_p - log_q, log_p, log_q, executed, log_q_discrete, tokens
 
     # Sharded keys make XLA run each device's share of the particles.
@@ -257,7 +261,8 @@ def importance_sample_eager(decoder: EagerDecoder, params, statistics, model: Ca
     """Importance sampling on the universal path: the model runs eagerly, once per particle,
     with the compiled proposal decoding each site as the model reaches it.
 
-    Sites a particle did not reach are zero in ``samples`` and False in ``executed``. Each
+    Sites a particle did not reach are zero in ``samples`` and False in ``executed``;
+    ``numpyro.deterministic`` sites are reported with the latents, likewise. Each
     particle's run is bounded by the spec's ``site_limit`` and ``timeout``: a run that does not
     end raises a :class:`~jaxic.errors.ModelError` naming the model's line.
 
@@ -269,7 +274,7 @@ def importance_sample_eager(decoder: EagerDecoder, params, statistics, model: Ca
     prefix_state = decoder.init(params, statistics, observations)
     samples = {s.name: [] for s in spec.latents}
     executed = {s.name: [] for s in spec.latents}
-    log_ps, log_qs = [], []
+    log_ps, log_qs, determ = [], [], []
     for i, particle_key in enumerate(jax.random.split(key, num_particles)):
         proposal_key, model_key = jax.random.split(particle_key)
         during = f"importance sampling, particle {i + 1} of {num_particles}"
@@ -285,6 +290,7 @@ def importance_sample_eager(decoder: EagerDecoder, params, statistics, model: Ca
             else:
                 samples[site.name].append(None)
                 executed[site.name].append(np.zeros(site.batch_shape, bool))
+        determ.append({n: np.asarray(m["value"]) for n, m in trace.items() if m["type"] == "deterministic"})
         log_ps.append(float(log_joint(trace)))
         log_qs.append(float(handler.log_q))
 
@@ -294,5 +300,8 @@ def importance_sample_eager(decoder: EagerDecoder, params, statistics, model: Ca
 
     log_p, log_q = jnp.asarray(log_ps, jnp.float32), jnp.asarray(log_qs, jnp.float32)
     log_w = jnp.where(jnp.isnan(log_p - log_q), -jnp.inf, log_p - log_q)
-    return Posterior({s.name: stack(s, samples[s.name]) for s in spec.latents}, log_w, log_p, log_q,
-                     {name: jnp.asarray(np.stack(v)) for name, v in executed.items()})
+    determ_values, determ_executed = stack_deterministic(determ, spec.deterministic)
+    return Posterior({**{s.name: stack(s, samples[s.name]) for s in spec.latents},
+                      **{k: jnp.asarray(v) for k, v in determ_values.items()}}, log_w, log_p, log_q,
+                     {**{name: jnp.asarray(np.stack(v)) for name, v in executed.items()},
+                      **{k: jnp.asarray(v) for k, v in determ_executed.items()}})

@@ -18,7 +18,8 @@ from jaxic.errors import IndexOutOfRangeError, UnknownSiteError
 @dataclasses.dataclass(frozen=True)
 class Posterior:
     """Importance-weighted samples. Leading axes: ``batch_shape`` (one per observation
-    set, empty for a single one), then particles.
+    set, empty for a single one), then particles. ``samples`` holds the latent sites and the
+    ``numpyro.deterministic`` sites, weighted alike.
 
     Example:
         >>> post = compiled.posterior(key, {"obs": 25.0}, num_samples=10_000)
@@ -68,7 +69,8 @@ class Posterior:
 
     def _weights_for(self, name: str) -> tuple[jax.Array, jax.Array]:
         if name not in self.samples:
-            raise UnknownSiteError(f"no latent site '{name}' in this posterior; its sites are {sorted(self.samples)}.")
+            raise UnknownSiteError(f"no latent site '{name}' (nor deterministic site) in this posterior; its sites are "
+                                   f"{sorted(self.samples)}.")
         x = self.samples[name]
         extra = x.ndim - self.log_weights.ndim
         w = jnp.broadcast_to(self.weights.reshape(self.weights.shape + (1,) * extra), x.shape)
@@ -132,6 +134,17 @@ class Posterior:
             return jnp.take_along_axis(x, idx, axis=axis)
 
         return {name: take(x) for name, x in self.samples.items()}
+
+    def predictive(self, model, key: jax.Array, num_samples: int = 1000, *, model_args: Sequence = (),
+                   model_kwargs=None) -> dict[str, jax.Array]:
+        """Posterior predictive draws of ``model``'s observed and deterministic sites: see
+        :func:`jaxic.predictive` (the posterior does not hold its model, so pass it).
+
+        Example:
+            >>> post.predictive(model, jax.random.key(2), num_samples=1000)["obs"].shape   # (1000,)
+        """
+        from jaxic.inference.predictive import predictive  # it builds on this module
+        return predictive(model, self, key, num_samples, model_args=model_args, model_kwargs=model_kwargs)
 
     def summary(self, sites: Sequence[str] | None = None, max_elements: int = 6) -> str:
         """A printable table: mean, sd and 5/50/95% quantiles per site, with ESS and evidence."""

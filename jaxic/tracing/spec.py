@@ -102,6 +102,14 @@ class ObservedSite:
 
 
 @dataclasses.dataclass(frozen=True)
+class DeterministicSite:
+    """A ``numpyro.deterministic`` site: a value computed from the latents, reported with them."""
+
+    name: str
+    shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class TraceSpec:
     """Address vocabulary and token layout of a model.
 
@@ -120,6 +128,9 @@ class TraceSpec:
     # They bound runs without changing the layout, so specs that differ only in them are equal.
     max_sites_per_run: int | None = dataclasses.field(default=None, compare=False)
     run_timeout: float | None = dataclasses.field(default=None, compare=False)
+    # Deterministic sites (in execution order) with their shapes. They own no tokens, so the
+    # proposal does not depend on them: specs (and checkpoints) that differ only in them are equal.
+    deterministic: tuple[DeterministicSite, ...] = dataclasses.field(default=(), compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -184,7 +195,9 @@ class TraceSpec:
         observed = tuple(ObservedSite(name=o["name"], shape=tuple(o["shape"])) for o in raw["observed"])
         return cls(latents=latents, observed=observed, dist_types=tup(raw["dist_types"]),
                    dynamic=raw.get("dynamic", False), max_tokens=raw.get("max_tokens", 0),
-                   max_sites_per_run=raw.get("max_sites_per_run"), run_timeout=raw.get("run_timeout"))
+                   max_sites_per_run=raw.get("max_sites_per_run"), run_timeout=raw.get("run_timeout"),
+                   deterministic=tuple(DeterministicSite(d["name"], tuple(d["shape"]))
+                                       for d in raw.get("deterministic", ())))
 
     def describe_difference(self, other: "TraceSpec") -> str:
         """Human-readable list of what differs between two specs ('' when equal)."""
@@ -382,7 +395,48 @@ def derive_trace_spec(model: Callable, observed: Sequence[str], key: jax.Array |
     obs_sites = tuple(ObservedSite(n, tuple(jnp.shape(samples[n]["value"]))) for n in observed)
     check_jittable(model)
     dist_types = tuple(sorted({s.dist_type for s in latents}))
-    return TraceSpec(latents=tuple(latents), observed=obs_sites, dist_types=dist_types)
+    return TraceSpec(latents=tuple(latents), observed=obs_sites, dist_types=dist_types,
+                     deterministic=deterministic_sites(trace))
+
+
+def deterministic_sites(trace: dict) -> tuple[DeterministicSite, ...]:
+    """The ``numpyro.deterministic`` sites of one trace, in execution order, with their shapes.
+
+    Example:
+        >>> [d.name for d in deterministic_sites(run_model(model, jax.random.key(0)))]
+        ['mu']
+    """
+    return tuple(DeterministicSite(n, tuple(jnp.shape(m["value"]))) for n, m in trace.items()
+                 if m["type"] == "deterministic")
+
+
+def deterministic_values(trace: dict, spec: TraceSpec) -> dict[str, jax.Array]:
+    """Values of the spec's deterministic sites in one trace of a jittable (masked-path) model,
+    where every site runs on every execution.
+
+    Example:
+        >>> deterministic_values(run_model(model, jax.random.key(0)), spec)
+        {'mu': Array(1.3, dtype=float32)}
+    """
+    out = {}
+    for site in spec.deterministic:
+        if site.name not in trace:
+            raise ModelError(f"deterministic site '{site.name}' did not run in this execution but did when the "
+                             "trace spec was derived; on the masked path every site runs on every execution "
+                             "(compute the value unconditionally, e.g. with jnp.where).")
+        value = jnp.asarray(trace[site.name]["value"])
+        if value.shape != site.shape:
+            raise ModelError(shape_change_message(site.name, site.shape, value.shape))
+        out[site.name] = value
+    return out
+
+
+def shape_change_message(name: str, known: tuple, shape: tuple) -> str:
+    """Why a deterministic site whose shape changes between runs cannot be reported, and the fix."""
+    return (f"deterministic site '{name}' has shape {tuple(known)} in one run and {tuple(shape)} in another; jaxic "
+            "stacks a site's values over particles, so it needs one shape. Record a fixed-shape value (e.g. pad "
+            "it to its largest size with jnp.pad and record the length as its own deterministic site), or give "
+            "differently-shaped values distinct names (e.g. f'" + name + "_{i}').")
 
 
 class ScanRecorder(Messenger):

@@ -25,8 +25,8 @@ import numpy as np
 
 from jaxic.errors import JaxicError, ModelError
 from jaxic.tracing.limits import PILOT_MIN_SITES, limit_sites, resolve_timeout, time_limit, user_frame
-from jaxic.tracing.spec import (LatentSite, ObservedSite, TraceSpec, as_tokens, check_observed, latent_site,
-                                run_model, site_mask)
+from jaxic.tracing.spec import (DeterministicSite, LatentSite, ObservedSite, TraceSpec, as_tokens, check_observed,
+                                deterministic_sites, latent_site, run_model, shape_change_message, site_mask)
 from jaxic.tracing.traces import Tokens
 
 
@@ -82,6 +82,7 @@ def derive_universal_spec(model: Callable, observed: Sequence[str], key: jax.Arr
     timeout = resolve_timeout(run_timeout)
     key = jax.random.key(0) if key is None else key
     sites: dict[str, LatentSite] = {}
+    determ: dict[str, DeterministicSite] = {}
     obs_shapes: dict[str, tuple] = {}
     longest = longest_sites = 0
     for i, k in enumerate(jax.random.split(key, num_traces)):
@@ -106,13 +107,49 @@ def derive_universal_spec(model: Callable, observed: Sequence[str], key: jax.Arr
                                  "names (e.g. f'x_{i}').")
             length += site.num_tokens
         longest = max(longest, length)
+        for site in deterministic_sites(trace):
+            known = determ.setdefault(site.name, site)
+            if known.shape != site.shape:
+                raise ModelError(shape_change_message(site.name, known.shape, site.shape))
     if not sites:
         raise ModelError(f"the model has no latent sample sites (observed: {list(observed)}); nothing to infer.")
     max_tokens = max_tokens or max(longest + 1, math.ceil(1.25 * longest))
     latents = tuple(sites.values())
     return TraceSpec(latents=latents, observed=tuple(ObservedSite(n, obs_shapes[n]) for n in observed),
                      dist_types=tuple(sorted({s.dist_type for s in latents})), dynamic=True, max_tokens=max_tokens,
-                     max_sites_per_run=int(max_sites_per_run or 4 * longest_sites + 100), run_timeout=run_timeout)
+                     max_sites_per_run=int(max_sites_per_run or 4 * longest_sites + 100), run_timeout=run_timeout,
+                     deterministic=tuple(determ.values()))
+
+
+def stack_deterministic(runs: Sequence[dict], known: Sequence[DeterministicSite] = ()
+                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Deterministic values of eager runs (one ``{name: value}`` per run) stacked over the runs,
+    with whether each run reached the site: ``(values, executed)``.
+
+    A site a run did not reach holds zeros there and ``executed`` False. Sites are the
+    ``known`` ones (e.g. ``spec.deterministic``, found by the pilot runs) and any that first
+    appear in these runs. A site whose shape differs from run to run (or from ``known``)
+    raises a :class:`ModelError` naming it.
+
+    Example:
+        >>> values, executed = stack_deterministic([{"count": 2}, {"count": 5}, {}], spec.deterministic)
+        >>> values["count"], executed["count"]        # [2, 5, 0], [True, True, False]
+    """
+    shapes = {d.name: tuple(d.shape) for d in known}
+    examples: dict[str, np.ndarray] = {}
+    for run in runs:
+        for name, value in run.items():
+            value = np.asarray(value)
+            known = shapes.setdefault(name, value.shape)
+            if known != value.shape:
+                raise ModelError(shape_change_message(name, known, value.shape))
+            examples.setdefault(name, value)
+    values, executed = {}, {}
+    for name, shape in shapes.items():
+        blank = np.zeros(shape, examples[name].dtype if name in examples else np.float32)
+        values[name] = np.stack([np.asarray(run[name]) if name in run else blank for run in runs])
+        executed[name] = np.stack([np.full(shape, name in run) for run in runs])
+    return values, executed
 
 
 @functools.lru_cache(maxsize=None)
