@@ -11,13 +11,13 @@ Example:
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import numpy as np
 from scipy.special import logsumexp
 
 from jaxic.errors import MissingDependencyError
+from jaxic.inference.posterior import resample_indices as posterior_resample_indices
 
 KHAT_GOOD = 0.5
 KHAT_OK = 0.7
@@ -127,13 +127,6 @@ def khat_verdict(khat: float) -> str:
             "network (more particles help little)")
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _categorical(key, log_weights, num):
-    # Jitted once per shape: run eagerly, the vmapped draw would compile op by op.
-    keys = jax.random.split(key, log_weights.shape[0])
-    return jax.vmap(lambda k, lw: jax.random.categorical(k, lw, shape=(num,)))(keys, log_weights)
-
-
 def resample_indices(key: jax.Array, log_weights, num: int) -> np.ndarray:
     """Multinomial resampling: ``num`` particle indices per observation set, drawn in
     proportion to the weights (shape ``batch_shape + (num,)``).
@@ -143,4 +136,4 @@ def resample_indices(key: jax.Array, log_weights, num: int) -> np.ndarray:
     """
     lw = _log_weights(log_weights)
     flat = lw.reshape(-1, lw.shape[-1]).astype(np.float32)
-    return np.asarray(_categorical(key, flat, int(num))).reshape(lw.shape[:-1] + (int(num),))
+    return np.asarray(posterior_resample_indices(key, flat, int(num))).reshape(lw.shape[:-1] + (int(num),))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -12,6 +13,27 @@ from jax.scipy.special import logsumexp
 
 from jaxic import validation
 from jaxic.errors import IndexOutOfRangeError, UnknownSiteError
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def resample_indices(key: jax.Array, log_weights: jax.Array, num: int) -> jax.Array:
+    """Multinomial resampling by inverse CDF: ``num`` particle indices per observation set
+    (shape ``log_weights.shape[:-1] + (num,)``), in O((num + particles) log particles) time and
+    O(num + particles) memory (a categorical draw of ``num`` would build a ``num x particles`` array).
+
+    Example:
+        >>> index = resample_indices(jax.random.key(0), post.log_weights, 1000)
+    """
+    log_weights = jnp.asarray(log_weights)
+    flat = log_weights.reshape(-1, log_weights.shape[-1])
+
+    def one(k, lw):
+        cdf = jnp.cumsum(jnp.exp(lw - jnp.max(lw)))
+        u = jax.random.uniform(k, (num,)) * cdf[-1]
+        return jnp.minimum(jnp.searchsorted(cdf, u, side="right"), lw.shape[0] - 1)
+
+    index = jax.vmap(one)(jax.random.split(key, flat.shape[0]), flat)
+    return index.reshape(log_weights.shape[:-1] + (num,))
 
 
 @jax.tree_util.register_dataclass
@@ -123,10 +145,7 @@ class Posterior:
 
     def resample(self, key: jax.Array, num: int) -> dict[str, jax.Array]:
         """``num`` unweighted draws per observation set (multinomial resampling)."""
-        flat_lw = self.log_weights.reshape(-1, self.num_samples)
-        keys = jax.random.split(key, flat_lw.shape[0])
-        index = jax.vmap(lambda k, lw: jax.random.categorical(k, lw, shape=(num,)))(keys, flat_lw)
-        index = index.reshape(self.batch_shape + (num,))
+        index = resample_indices(key, self.log_weights, num)
         axis = len(self.batch_shape)
 
         def take(x):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +18,8 @@ from numpyro import handlers
 from numpyro.infer import Predictive
 
 from jaxic import validation as checks
-from jaxic.errors import JaxicError, ModelError
-from jaxic.inference.posterior import Posterior
+from jaxic.errors import JaxicError
+from jaxic.inference.posterior import Posterior, resample_indices
 from jaxic.tracing.spec import JIT_FAILURES, abstract_trace
 from jaxic.tracing.limits import resolve_timeout
 from jaxic.tracing.universal import run_bounded, stack_deterministic
@@ -66,26 +66,6 @@ def predictive(model: Callable, posterior: Posterior, key: jax.Array, num_sample
     latents = {n: v for n, v in draws.items()
                if n in trace and trace[n]["type"] == "sample" and not trace[n]["is_observed"]}
     return Predictive(bound, posterior_samples=latents, batch_ndims=batch_ndims, parallel=True)(model_key)
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def resample_indices(key: jax.Array, log_weights: jax.Array, num: int) -> jax.Array:
-    """Multinomial resampling by inverse CDF: ``num`` particle indices per observation set
-    (shape ``log_weights.shape[:-1] + (num,)``), in O((num + particles) log particles) time and
-    O(num + particles) memory.
-
-    Example:
-        >>> index = resample_indices(jax.random.key(0), post.log_weights, 1000)
-    """
-    flat = log_weights.reshape(-1, log_weights.shape[-1])
-
-    def one(k, lw):
-        cdf = jnp.cumsum(jnp.exp(lw - jnp.max(lw)))
-        u = jax.random.uniform(k, (num,)) * cdf[-1]
-        return jnp.minimum(jnp.searchsorted(cdf, u, side="right"), lw.shape[0] - 1)
-
-    index = jax.vmap(one)(jax.random.split(key, flat.shape[0]), flat)
-    return index.reshape(log_weights.shape[:-1] + (num,))
 
 
 def _check_weights(posterior: Posterior) -> None:
