@@ -72,7 +72,14 @@ MATCHED = {"transformer": TransformerConfig(), "lstm": LSTMConfig(lstm_dim=104),
            "feedforward": FeedForwardConfig(hidden_dim=224)}
 
 
+# The transformer as it was before its attention query learned the next site (ablation).
+VARIANTS = {"transformer-previous-query": TransformerConfig(next_site_query=False)}
+
+
 def network_config(name: str, args: argparse.Namespace):
+    if name in VARIANTS:
+        config = VARIANTS[name]
+        return config if args.transformer_layers is None else dataclasses.replace(config, num_layers=args.transformer_layers)
     config = MATCHED[name] if args.matched else NETWORKS[name]()
     if name == "transformer" and args.transformer_layers is not None:
         config = dataclasses.replace(config, num_layers=args.transformer_layers)
@@ -244,7 +251,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--M", type=int, nargs="+", default=[0, 10, 20, 50, 100, 200],
                         help="numbers of nuisance sites between x and y")
     parser.add_argument("--networks", nargs="+", default=["transformer", "lstm", "feedforward"],
-                        choices=sorted(NETWORKS), help="proposal networks (default sizes unless --matched)")
+                        choices=sorted(NETWORKS) + sorted(VARIANTS), help="proposal networks (default sizes unless --matched)")
     parser.add_argument("--matched", action="store_true",
                         help="networks of about 120k parameters each (LSTM lstm_dim=104, feed-forward hidden_dim=224)")
     budget = parser.add_mutually_exclusive_group()

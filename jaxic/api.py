@@ -536,7 +536,8 @@ def load(path: str | os.PathLike, model: Callable, *, model_args: Sequence = (),
     network_meta = metadata["network"]
     if network_meta["type"] not in NETWORKS:
         raise CheckpointError(f"checkpoint '{path}' uses network '{network_meta['type']}', unknown to this jaxic.")
-    network_config = NETWORKS[network_meta["type"]](**network_meta["config"])
+    network_class = NETWORKS[network_meta["type"]]
+    network_config = network_class(**{**getattr(network_class, "legacy_defaults", {}), **network_meta["config"]})
     train_config = TrainConfig(**metadata["train_config"])
     if train_config.custom_optimizer and optimizer is None:
         raise CheckpointError(f"checkpoint '{path}' was trained with a custom optimizer; pass the same "

@@ -436,6 +436,9 @@ def transformer_log_prob(net, observations, tokens, *, lookahead=0, hide_skipped
     prefix = net.prefix(observations)
     bos = prefix.shape[0] - 1
     x = jnp.concatenate([prefix, content])
+    reading = jax.vmap(net.announce)(x[bos: bos + tokens.mask.shape[0]], tokens.address, tokens.instance,
+                                     tokens.dist_type)
+    x = x.at[bos: bos + tokens.mask.shape[0]].set(reading)
     valid = jnp.concatenate([jnp.ones(bos + 1, bool), visible])
     index = jnp.arange(x.shape[0])
     attend = valid[None, :] & (index[None, :] <= jnp.maximum(index[:, None] + lookahead, bos))

@@ -6,6 +6,11 @@ see each other; ``c_t`` sees the prefix and executed tokens ``c_s, s <= t``. The
 distribution of ``x_t`` is read from the output at the position just before
 ``c_t``, combined with a query embedding of site ``t``, so it depends on
 ``y`` and ``x_<t`` only. Skipped (masked) tokens are invisible to attention.
+
+The input at that position also carries an embedding of site ``t`` (``next_site_query``):
+the attention that gathers what token ``t`` needs then knows which site it is gathering for.
+Without it the attention query is formed before the next site is known, and must serve every
+site that could come next (at M = 200 nuisance sites it could not).
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ class TransformerConfig:
     mlp_ratio: int = 4
     num_components: int = 8
     obs_hidden: int = 128
+    # Add the embedding of the site about to be proposed to the input its context is read from.
+    next_site_query: bool = True
+
+    # Saved configurations from before a field existed load with the behaviour they were trained with.
+    legacy_defaults = {"next_site_query": False}
 
     def build(self, spec: TraceSpec, stats: ProposalStatistics, rngs: nnx.Rngs,
               observation_embedders: Mapping[str, nnx.Module] | None = None) -> "TransformerProposal":
@@ -50,7 +60,10 @@ class DecodeState(NamedTuple):
     values: tuple[jax.Array, ...]
     valid: jax.Array  # (S,) bool: position holds an executed token
     position: jax.Array  # int32: next position to fill
-    context: jax.Array  # (d,): output at the last filled position
+    # (d,): input of the next position to fill (BOS or the last token's content), not yet in the cache:
+    # it is completed with the next site's embedding once that site is known.
+    pending: jax.Array
+    pending_valid: jax.Array  # bool: whether the pending position holds an executed token (BOS: yes)
 
 
 class Block(nnx.Module):
@@ -121,6 +134,15 @@ class TransformerProposal(ProposalNetworkBase):
         # the pedagogical model needs ever sharper as nuisance sites are added: ESS/N at M = 20 after
         # 8000 steps went from 0.12 to 0.33 with the gain).
         self.value_gain = nnx.Param(jnp.ones((len(spec.latents), config.d_model)))
+        self.next_site_query = config.next_site_query
+        if config.next_site_query:
+            self.next_site_embed = nnx.Linear(config.d_model, config.d_model, rngs=rngs)
+
+    def announce(self, x, address, instance, dist_type):
+        """``x`` (the input whose output predicts the next token) plus the next token's site embedding."""
+        if not self.next_site_query:
+            return x
+        return x + self.next_site_embed(self.site_embedding(address, instance, dist_type))
 
     def content(self, address, instance, dist_type, z, mask):
         """What a latent token contributes to later tokens; values of skipped sites are hidden.
@@ -137,6 +159,10 @@ class TransformerProposal(ProposalNetworkBase):
         prefix = self.prefix(observations)
         p = prefix.shape[0] - 1  # index of BOS
         x = jnp.concatenate([prefix, content])
+        # Position p + t (BOS or token t - 1) predicts token t: it learns which site t is.
+        reading = jax.vmap(self.announce)(x[p : p + tokens.mask.shape[0]], tokens.address, tokens.instance,
+                                          tokens.dist_type)
+        x = x.at[p : p + tokens.mask.shape[0]].set(reading)
         valid = jnp.concatenate([jnp.ones(p + 1, bool), tokens.mask])
         index = jnp.arange(x.shape[0])
         mask = valid[None, :] & (index[None, :] <= jnp.maximum(index[:, None], p))
@@ -150,18 +176,19 @@ class TransformerProposal(ProposalNetworkBase):
         return self.score_tokens(self._contexts(observations, tokens, z), tokens, z)
 
     def init_decode(self, observations: Mapping[str, jax.Array]) -> DecodeState:
-        """Run the observation prefix once and return the cache for :meth:`decode`."""
-        x = self.prefix(observations)
-        p = x.shape[0]
-        total = p + self.spec.num_tokens
+        """Run the observations once and return the cache for :meth:`decode` (BOS is left pending)."""
+        prefix = self.prefix(observations)
+        x, bos = prefix[:-1], prefix[-1]
+        p = x.shape[0]  # BOS will be filled at position p
+        total = p + 1 + self.spec.num_tokens
         keys, values = [], []
         for block in self.blocks:
             x, k, v = block(x, jnp.ones((p, p), bool))
             pad = ((0, 0), (0, total - p), (0, 0))
             keys.append(jnp.pad(k.transpose(1, 0, 2), pad))
             values.append(jnp.pad(v.transpose(1, 0, 2), pad))
-        valid = jnp.arange(total) < p
-        return DecodeState(tuple(keys), tuple(values), valid, jnp.asarray(p, jnp.int32), x[p - 1])
+        valid = jnp.zeros(total, bool).at[:p].set(True)
+        return DecodeState(tuple(keys), tuple(values), valid, jnp.asarray(p, jnp.int32), bos, jnp.asarray(True))
 
     def decode(self, state: DecodeState, key, address, instance, dist_type, mask, given=None, teacher=None):
         """Propose the next token and append it to the cache.
@@ -171,13 +198,16 @@ class TransformerProposal(ProposalNetworkBase):
         With ``given`` (a token value), that value is scored and appended instead of a draw;
         a boolean array ``teacher`` chooses between ``given`` and a draw at run time.
         """
-        z, value, log_q = self.propose_token(key, state.context, address, instance, dist_type, given, teacher)
-        x = self.content(address, instance, dist_type, z, mask)
-        valid = state.valid.at[state.position].set(mask)
+        # The pending input (BOS or the previous token) learns which site comes next, enters the cache,
+        # and its output is the context that proposes this token.
+        x = self.announce(state.pending, address, instance, dist_type)
+        valid = state.valid.at[state.position].set(state.pending_valid)
         keys, values = [], []
         for layer, block in enumerate(self.blocks):
             x, k, v = block.step(x, state.keys[layer], state.values[layer], valid, state.position)
             keys.append(k)
             values.append(v)
-        new_state = DecodeState(tuple(keys), tuple(values), valid, state.position + 1, x)
+        z, value, log_q = self.propose_token(key, x, address, instance, dist_type, given, teacher)
+        new_state = DecodeState(tuple(keys), tuple(values), valid, state.position + 1,
+                                self.content(address, instance, dist_type, z, mask), jnp.asarray(mask, bool))
         return new_state, value, jnp.where(mask, log_q, 0.0)
