@@ -27,7 +27,7 @@ from jaxic import checkpoint, loops, parallel, proposal as core, training
 from jaxic import validation as checks
 from jaxic.errors import CheckpointError, JaxicError, ModelError, ObservationError
 from jaxic.inference import Posterior, predictive
-from jaxic.networks import NETWORKS
+from jaxic.networks import NETWORKS, config_from_metadata
 from jaxic import objectives
 from jaxic.objectives import OBJECTIVES, forward_kl_loss
 from jaxic.tracing import TraceDataset, TraceSpec, derive_trace_spec, sample_universal
@@ -536,8 +536,7 @@ def load(path: str | os.PathLike, model: Callable, *, model_args: Sequence = (),
     network_meta = metadata["network"]
     if network_meta["type"] not in NETWORKS:
         raise CheckpointError(f"checkpoint '{path}' uses network '{network_meta['type']}', unknown to this jaxic.")
-    network_class = NETWORKS[network_meta["type"]]
-    network_config = network_class(**{**getattr(network_class, "legacy_defaults", {}), **network_meta["config"]})
+    network_config = config_from_metadata(network_meta["type"], network_meta["config"])
     train_config = TrainConfig(**metadata["train_config"])
     if train_config.custom_optimizer and optimizer is None:
         raise CheckpointError(f"checkpoint '{path}' was trained with a custom optimizer; pass the same "

@@ -537,3 +537,15 @@ def test_a_network_with_state_outside_nnx_fails_the_checkpoint_check(masked_setu
     with pytest.raises(AssertionError, match=r"rebuild\(\) already reproduces"):
         check_save_load_bit_exact(net, lambda: broken(UnsavedStateTransformer, data, offset=0.5),
                                   data.observations, data.tokens, tmp_path)
+
+
+def test_checkpoint_configs_from_before_the_next_site_query_load_without_it():
+    """A transformer saved before ``next_site_query`` existed was trained without it: loading its
+    recorded fields must rebuild that network (same parameter tree), while new configs get the query."""
+    from jaxic.networks import config_from_metadata
+
+    old = config_from_metadata("transformer", {"d_model": 16, "num_heads": 2, "num_layers": 1})
+    assert old.next_site_query is False
+    assert config_from_metadata("transformer", dataclasses.asdict(TransformerConfig())).next_site_query is True
+    assert TransformerConfig().next_site_query is True
+    assert config_from_metadata("lstm", {}) == LSTMConfig()

@@ -24,7 +24,19 @@ from jaxic.networks.transformer import Block, DecodeState, TransformerConfig, Tr
 # Networks selectable by name (``jaxic.compile(..., network="lstm")``) and recorded in checkpoints.
 NETWORKS = {"transformer": TransformerConfig, "lstm": LSTMConfig, "feedforward": FeedForwardConfig}
 
-__all__ = ["NETWORKS", "ObservationMLP", "ProposalNetworkBase", "ProposalStatistics", "Statistic", "proposal_statistics",
+
+def config_from_metadata(name: str, fields: dict):
+    """The network configuration a checkpoint recorded. Fields added after it was written take
+    the value that reproduces the network it saved (a config's ``legacy_defaults``), not today's default.
+
+    Example:
+        >>> config_from_metadata("transformer", {"d_model": 64})   # next_site_query=False: an older checkpoint
+    """
+    config_class = NETWORKS[name]
+    return config_class(**{**getattr(config_class, "legacy_defaults", {}), **fields})
+
+
+__all__ = ["NETWORKS", "config_from_metadata", "ObservationMLP", "ProposalNetworkBase", "ProposalStatistics", "Statistic", "proposal_statistics",
            "Block", "DecodeState", "TransformerConfig", "TransformerProposal",
            "LSTMConfig", "LSTMProposal", "LSTMState", "ObservationSummary",
            "FeedForwardConfig", "FeedForwardProposal", "FeedForwardState"]
