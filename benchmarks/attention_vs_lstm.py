@@ -60,7 +60,7 @@ from jaxic.models import pedagogical
 from jaxic.networks import NETWORKS, FeedForwardConfig, LSTMConfig, TransformerConfig
 from pedagogical_metrics import (circle_mass, heldout_loss, importance_metrics, plot_sweep, prior_ess_fraction,
                                  train_for)
-from results_io import environment_lines, publish
+from results_io import environment_lines, publish, repo_relative, write_results_json
 
 HEADING = "## Attention vs LSTM vs feed-forward over nuisance sites (benchmarks/attention_vs_lstm.py)"
 HERE = Path(__file__).resolve().parent
@@ -213,21 +213,6 @@ def run_order(run: dict) -> tuple:
     return run["M"], order.index(run["network"]) if run["network"] in order else len(order), run_seed(run)
 
 
-def shown(path: Path) -> str:
-    """``path`` relative to the repository root when it lies inside it."""
-    try:
-        return str(path.resolve().relative_to(HERE.parent))
-    except ValueError:
-        return str(path)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=float))
-    tmp.replace(path)
-
-
 def write_figure(path: Path, runs: list[dict], prior_ess: float | None, title: str) -> bool:
     try:
         import matplotlib
@@ -343,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
               f"trace {run['heldout_loss_full']:.2f}; ESS/N {ess}; on ring {ring.get('on_circle', math.nan):.2f}, "
               f"y>0 {ring.get('y_positive', math.nan):.2f}", flush=True)
         if not args.no_write:
-            write_json(args.json, payload)
+            write_results_json(args.json, payload)
     payload["total_s"] = time.perf_counter() - total
     runs = payload["runs"]
     setup = payload["setup"] = setup_line(list(dict.fromkeys(r["network"] for r in runs)),
@@ -352,10 +337,10 @@ def main(argv: list[str] | None = None) -> None:
 
     figure_note = []
     if not args.no_write:
-        write_json(args.json, payload)
+        write_results_json(args.json, payload)
         title = f"pedagogical model, {budget_text(args)} per network ({sizes})"
         if write_figure(args.figure, payload["runs"], prior.get(str(RING_OBS)), title):
-            figure_note = [f"- Figure: `{shown(args.figure)}`; all numbers: `{shown(args.json)}`"]
+            figure_note = [f"- Figure: `{repo_relative(args.figure)}`; all numbers: `{repo_relative(args.json)}`"]
             print(f"figure written to {args.figure}")
         print(f"results written to {args.json}")
     prior_text = ", ".join(f"obs={float(k):g}: {v:.4f}" for k, v in prior.items())

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 import time
 from pathlib import Path
@@ -59,7 +58,7 @@ from jaxic.models import (arth150, arth150_layout, arth150_log_evidence, arth150
 from jaxic.models.circuit import WEAK_DB, single_fault_cases
 from jaxic.networks import NETWORKS
 from jaxic.tracing import Tokens, derive_trace_spec, trace_to_tokens
-from results_io import environment_lines, publish
+from results_io import environment_lines, publish, write_results_json
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = "proposal_comparison.py"
@@ -470,9 +469,7 @@ def main(argv: list[str] | None = None) -> None:
         lines = environment + body(report) + ["", f"Total wall time of the experiment: {report['seconds']:.0f} s."]
         publish(args.output, HEADINGS[experiment], lines, write=not args.no_write)
         if not args.no_write:
-            args.results_dir.mkdir(parents=True, exist_ok=True)
-            json_path = args.results_dir / f"proposal_comparison_{experiment}.json"
-            json_path.write_text(json.dumps(report, indent=1) + "\n")
+            json_path = write_results_json(args.results_dir / f"proposal_comparison_{experiment}.json", report)
             print(f"results written to {json_path}")
             figure(report, args.figures_dir / f"proposal_comparison_{experiment}.png")
 

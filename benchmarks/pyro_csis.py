@@ -28,7 +28,6 @@ Run alone: ``python benchmarks/pyro_csis.py --M 2 20 --seconds 30``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from typing import Sequence
@@ -254,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.json:
+        from results_io import write_results_json  # the benchmarks' one JSON writer (paths made repo-relative)
     results = []
     for M in args.M:
         r = run(M, args.seconds, batch_size=args.batch_size, every=args.every, eval_particles=args.eval_particles,
@@ -262,8 +263,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         results.append(r)
         print(f"Pyro CSIS M={M}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "curve"), flush=True)
         if args.json:  # rewritten after each M, so a partial run still leaves its results
-            with open(args.json, "w") as f:
-                json.dump(results, f)
+            write_results_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
-"""Shared by the benchmark scripts: machine description and writing sections of RESULTS.md."""
+"""Shared by the benchmark scripts: machine description, writing sections of RESULTS.md, and writing
+the JSON results with every path relative to the repository root (no machine paths in published files)."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
 import shlex
+import warnings
 from importlib import metadata
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 
@@ -79,3 +82,80 @@ def publish(path: Path, heading: str, body: list[str], write: bool = True) -> No
     if write:
         write_section(path, heading, body)
         print(f"\nwritten to {path}")
+
+
+# --- JSON results ---------------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+"""The repository root: stored paths are relative to it."""
+
+# An absolute path inside a longer text: POSIX (two components at least, not after a word character, a slash
+# or a colon, so "ms/step", "1/2" and URLs are left alone) or a Windows drive path.
+_ABSOLUTE = re.compile(r"(?<![\w.~/:])(?:/(?:[\w.+-]+/)+[\w.+-]*|[A-Za-z]:\\(?:[\w.+ -]+\\)*[\w.+-]*)")
+
+
+def repo_relative(path: str | os.PathLike, root: str | os.PathLike = REPO_ROOT) -> str:
+    """``path`` as it is stored in results: relative to ``root`` (POSIX separators) when it lies inside it,
+    else its file name alone, with a warning (a machine path would not mean anything elsewhere).
+
+    A relative ``path`` is taken relative to the current directory.
+
+    Example:
+        >>> repo_relative(REPO_ROOT / "benchmarks" / "results" / "x.json")
+        'benchmarks/results/x.json'
+    """
+    text = os.fspath(path)
+    windows = re.match(r"[A-Za-z]:\\", text) is not None
+    absolute = text if windows or os.path.isabs(text) else os.path.join(os.getcwd(), text)
+    for base in dict.fromkeys([os.fspath(root), os.path.realpath(root)]):
+        for candidate in dict.fromkeys([os.path.normpath(absolute), os.path.realpath(absolute)]):
+            if candidate == base:
+                return "."
+            if candidate.startswith(base.rstrip(os.sep) + os.sep):
+                return Path(os.path.relpath(candidate, base)).as_posix()
+    name = re.split(r"[\\/]", text.rstrip("/\\"))[-1]
+    warnings.warn(f"results_io: {text} lies outside the repository {os.fspath(root)}; stored as its file name "
+                  f"{name!r}. Write results inside the repository to keep the folder.", stacklevel=2)
+    return name
+
+
+def portable(value: Any, root: str | os.PathLike = REPO_ROOT) -> Any:
+    """``value`` (JSON-like: dicts, lists, tuples, strings, numbers, ``Path``s) with every path, whole or inside a
+    text, made relative to ``root`` by :func:`repo_relative`; everything else unchanged.
+
+    Example:
+        >>> portable({"json": REPO_ROOT / "r.json", "cmd": f"python x.py --out {REPO_ROOT}/f.png", "n": 3})
+        {'json': 'r.json', 'cmd': 'python x.py --out f.png', 'n': 3}
+    """
+    if isinstance(value, os.PathLike):
+        return repo_relative(value, root)
+    if isinstance(value, str):
+        return _ABSOLUTE.sub(lambda m: repo_relative(m.group(0), root), value)
+    if isinstance(value, dict):
+        return {portable(k, root): portable(v, root) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v, root) for v in value]
+    return value
+
+
+def _json_value(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy and jax scalars and arrays
+        return value.tolist()
+    return float(value)
+
+
+def write_results_json(path: str | os.PathLike, payload: Any, root: str | os.PathLike = REPO_ROOT) -> Path:
+    """Write ``payload`` as JSON to ``path``, with every path made relative to ``root`` (:func:`portable`).
+
+    The one writer of the benchmarks' JSON results. The file is replaced atomically, so a run stopped
+    while writing leaves the previous results; numpy or jax numbers are stored as plain numbers.
+
+    Example:
+        >>> write_results_json(REPO_ROOT / "benchmarks" / "results" / "x.json", {"config": {"figure": fig_path}})
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(portable(payload, root), indent=1, default=_json_value) + "\n")
+    tmp.replace(path)
+    return path

@@ -88,3 +88,28 @@ def test_every_error_is_a_jaxic_error():
     for cls in (jaxic.ModelError, jaxic.UntraceableModelError, jaxic.ObservationError,
                 jaxic.UnsupportedDistributionError, jaxic.CheckpointError):
         assert issubclass(cls, jaxic.JaxicError)
+
+
+def test_error_locations_carry_no_machine_folders(tmp_path, monkeypatch):
+    """user_frame names a file relative to the current folder or its import root, a Jupyter cell as
+    <notebook cell>, and only a file outside both by its full path."""
+    from jaxic.tracing import user_frame
+
+    def location(relative):
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("def model():\n    raise ValueError('bad draw')\n")
+        namespace = {}
+        exec(compile(path.read_text(), str(path), "exec"), namespace)
+        with pytest.raises(ValueError) as caught:
+            namespace["model"]()
+        return user_frame(caught.value)
+
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    line = ":2 in model: `raise ValueError('bad draw')`"
+    assert location("cwd/models/m.py") == "models/m.py" + line
+    assert location("lib/pkg/m.py") == "pkg/m.py" + line
+    assert location("ipykernel_123/4567.py") == "<notebook cell>" + line
+    assert location("elsewhere/m.py") == str(tmp_path / "elsewhere" / "m.py") + line

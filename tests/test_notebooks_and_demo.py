@@ -19,6 +19,7 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
     monkeypatch.setenv("JAXIC_NOTEBOOK_STEPS", "100")
     monkeypatch.setenv("JAXIC_NOTEBOOK_PARTICLES", "400")
     monkeypatch.setenv("JAXIC_NOTEBOOK_SECONDS", "10")
+    monkeypatch.setenv("JAXIC_NOTEBOOK_BATCH", "32")  # notebook 02's circuit proposal: a third of its CI time
     monkeypatch.setenv("MPLBACKEND", "Agg")
     notebook = nbformat.read(path, as_version=4)
     NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

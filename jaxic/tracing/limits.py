@@ -17,6 +17,7 @@ import contextlib
 import importlib.util
 import os
 import signal
+import sys
 import sysconfig
 import threading
 import time
@@ -83,7 +84,12 @@ def user_frame(where: BaseException | types.FrameType | None = None) -> str:
         >>> try:
         ...     run_model(model, key)
         ... except Exception as exc:
-        ...     print(user_frame(exc))      # /home/me/model.py:12 in model: `while x > 0:`
+        ...     print(user_frame(exc))      # model.py:12 in model: `while x > 0:`
+
+    The file is shown relative to the current directory, or else to the ``sys.path`` entry it was
+    imported from (``jaxic/models/control_flow.py``), and code of a Jupyter cell as ``<notebook cell>``,
+    so messages, logs and saved notebooks do not carry the machine's folders; a file elsewhere keeps
+    its full path.
     """
     if isinstance(where, BaseException):
         frames = traceback.extract_tb(where.__traceback__)
@@ -93,7 +99,22 @@ def user_frame(where: BaseException | types.FrameType | None = None) -> str:
     if not users:
         return "a line of the model"
     f = users[-1]
-    return f"{f.filename}:{f.lineno} in {f.name}: `{(f.line or '').strip()}`"
+    return f"{_short_path(f.filename)}:{f.lineno} in {f.name}: `{(f.line or '').strip()}`"
+
+
+def _short_path(filename: str) -> str:
+    if not os.path.isabs(filename):
+        return filename
+    path = os.path.realpath(filename)
+    if os.path.basename(os.path.dirname(path)).startswith("ipykernel_"):
+        return "<notebook cell>"  # Jupyter's per-kernel temporary file for a cell's code
+    # The current directory first, then the deepest import root holding the file.
+    bases = [os.getcwd(), *sorted((p or os.getcwd() for p in sys.path), key=len, reverse=True)]
+    for base in bases:
+        base = os.path.realpath(base)
+        if os.path.isdir(base) and path.startswith(base.rstrip(os.sep) + os.sep):
+            return os.path.relpath(path, base)
+    return filename
 
 
 # --- a bound on the number of sample sites ------------------------------------------------------
