@@ -3,7 +3,7 @@
 Model: ``jaxic.models.pedagogical`` (x, M nuisance sites, y; ``obs = 25``), or with ``--model plate``
 ``jaxic.models.control_flow.pedagogical_plate`` (the M nuisance variables in one plated site), or with
 ``--model prior`` the pedagogical model with its nuisance sites drawn from their prior
-(``infer={"jaxic": {"propose": False}}``). One network per M (``jaxic.compile(..., num_steps=0)``,
+(``infer={"jaxic": {"propose": False}}``), or with ``--model prior_x`` with ``x`` drawn from its prior. One network per M (``jaxic.compile(..., num_steps=0)``,
 untrained: the sampler's cost does not depend on the weights), shared by both samplers.
 
 The **baseline** is ``jaxic/inference/importance.py`` as of ``--baseline`` (a git revision, default
@@ -56,7 +56,17 @@ def pedagogical_prior(M: int = 20, noise: float = 0.1):
     numpyro.sample("obs", dist.Normal(x**2 + y**2, noise))
 
 
-MODELS = {"pedagogical": pedagogical, "plate": pedagogical_plate, "prior": pedagogical_prior}
+def pedagogical_prior_x(M: int = 20, noise: float = 0.1):
+    """:func:`jaxic.models.pedagogical` with ``x`` drawn from its prior (every other site proposed)."""
+    x = numpyro.sample("x", dist.Normal(0.0, 10.0), infer={"jaxic": {"propose": False}})
+    for i in range(M):
+        numpyro.sample(f"nuisance_{i}", dist.Normal(0.0, 10.0))
+    y = numpyro.sample("y", dist.Normal(0.0, 10.0))
+    numpyro.sample("obs", dist.Normal(x**2 + y**2, noise))
+
+
+MODELS = {"pedagogical": pedagogical, "plate": pedagogical_plate, "prior": pedagogical_prior,
+          "prior_x": pedagogical_prior_x}
 
 
 def baseline_sampler(revision: str):

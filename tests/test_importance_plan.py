@@ -13,6 +13,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from flax import nnx
 from numpyro import handlers
 from numpyro.contrib.control_flow import scan
 
@@ -293,3 +294,22 @@ def test_the_model_runs_in_a_branch_not_a_select_under_vmap():
     dynamic = sampler_conds(random_objects, ["obs", "count_signal"], {"obs": 3.0, "count_signal": 2.2})
     # The refresh predicate depends on the token position only: vmap over particles keeps the branch.
     assert dynamic == fixed + 1
+
+
+@pytest.mark.slow
+def test_gradients_match_the_former_sampler():
+    model, observed, kwargs, observations = CASES["prior_drawn"]
+    proposal = proposal_for(model, observed, **kwargs)
+    spec, bound = proposal.spec, proposal.bound_model
+
+    def objective(sampler, params):
+        network = nnx.merge(proposal.graphdef, params, proposal.statistics)
+        log_w = sampler(network, spec, bound, jax.random.key(4), observations, 16)[1]
+        return jnp.mean(jnp.where(jnp.isfinite(log_w), log_w, 0.0))
+
+    grads = jax.jit(lambda p: (jax.grad(functools.partial(objective, sample_particles))(p),
+                               jax.grad(functools.partial(objective, reference_particles))(p)))(proposal.params)
+    new, old = jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])
+    assert any(np.abs(g).max() > 0 for g in old)
+    for a, b in zip(new, old):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

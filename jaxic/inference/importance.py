@@ -1,7 +1,8 @@
 """Importance sampling with the proposal running alongside the model.
 
-Compiled models (the masked path) decode all token positions in one loop, running the
-model with the values decoded so far substituted to learn which sites executed
+Compiled models (the masked path) decode all token positions in one loop; where a site's
+mask or prior-drawn value depends on earlier values (read from the jaxpr: :func:`decode_plan`),
+the model runs with the values decoded so far substituted to learn it
 (:func:`sample_particles`; the public entry point is :func:`jaxic.proposal.importance_sample`). Eagerly run models (the
 universal path) use the :class:`propose` handler, which decodes each site as the
 model reaches it. Either way ``log w = log p(x, y) - log q(x | y)``.
