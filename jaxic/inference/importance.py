@@ -1,7 +1,8 @@
 """Importance sampling with the proposal running alongside the model.
 
-Compiled models (the masked path) decode all token positions in one loop, running the
-model with the values decoded so far substituted to learn which sites executed
+Compiled models (the masked path) decode all token positions in one loop; where a site's
+mask or prior-drawn value depends on earlier values (read from the jaxpr: :func:`decode_plan`),
+the model runs with the values decoded so far substituted to learn it
 (:func:`sample_particles`; the public entry point is :func:`jaxic.proposal.importance_sample`). Eagerly run models (the
 universal path) use the :class:`propose` handler, which decodes each site as the
 model reaches it. Either way ``log w = log p(x, y) - log q(x | y)``.
@@ -24,6 +25,7 @@ from jaxic.inference.posterior import Posterior
 from jaxic.parallel import shard_batch
 from jaxic.tracing import TraceSpec
 from jaxic.tracing.limits import limit_sites, time_limit, time_limit_paused
+from jaxic.tracing.dependence import dependent_outputs
 from jaxic.tracing.spec import as_tokens, deterministic_values, from_tokens, site_mask
 from jaxic.tracing.universal import stack_deterministic
 from jaxic.tracing.traces import Tokens, trace_to_tokens
@@ -59,7 +61,13 @@ class Particles(NamedTuple):
 def sample_particles(network, spec: TraceSpec, model: Callable, key: jax.Array,
                      observations: Mapping[str, jax.Array], num_particles: int, sharding=None,
                      chunk_size: int | None = None) -> Particles:
-    """Proposal draws with their weights, tokens and score terms (the proposal decodes the token positions in one compiled loop; before each token the model runs with the values decoded so far substituted, which says whether the token's site executed and, for a prior-drawn site, its value; compile time does not grow with the number of sites).
+    """Proposal draws with their weights, tokens and score terms (the proposal decodes the token positions in one compiled loop; compile time does not grow with the number of sites).
+
+    Where a token's executed-mask or prior-drawn value depends on the values decoded before it
+    (or on the model's random key), the model runs with those values substituted before the
+    token's site, once per site (per time step inside ``scan``); every other token's mask and
+    value are fixed and come from one run outside the loop (:func:`decode_plan`). A model
+    without such sites runs once per particle.
 
     Continuous values are reparameterised (gradients flow from ``log_weights`` into the
     network and the model's parameters); discrete ones carry their ``log q`` in
@@ -81,24 +89,40 @@ def sample_particles(network, spec: TraceSpec, model: Callable, key: jax.Array,
     layout = {k: jnp.asarray(v) for k, v in layout.items()}
 
     def run_model(model_key, values):
-        conditioned = handlers.condition(handlers.seed(model, model_key), data=observations)
-        substituted = handlers.substitute(conditioned, substitute_fn=_token_substitution(spec, values))
-        return handlers.trace(substituted).get_trace()
+        return substituted_trace(spec, model, observations, model_key, values)
+
+    def oracle(model_key, values):
+        tokens, _ = trace_to_tokens(spec, run_model(model_key, values))
+        return tokens.mask, tokens.value
+
+    plan = decode_plan(spec, model, observations, key)
+    # Masks and values that no particle can change: one run, shared by all particles.
+    fixed = oracle(jax.random.split(key)[1], jnp.zeros((num_tokens, width)))
+    any_dynamic = bool(plan.dynamic.any())
 
     def particle(key):
         proposal_key, model_key = jax.random.split(key)
 
         def decode_one(carry, inputs):
-            state, values = carry
-            t, key, address, instance, dist_type, teacher = inputs
-            tokens, _ = trace_to_tokens(spec, run_model(model_key, values))
-            given = (tokens.value[t], teacher) if has_prior_sites else (None, None)
-            state, value, log_q = network.decode(state, key, address, instance, dist_type, tokens.mask[t], *given)
-            return (state, values.at[t].set(value)), log_q
+            state, values, known = carry
+            t, key, address, instance, dist_type, teacher, refresh, fixed_t = inputs
+            if any_dynamic:
+                # refresh depends only on t, which vmap leaves unbatched: a real branch, not a select.
+                known = jax.lax.cond(refresh, lambda: oracle(model_key, values), lambda: known)
+                mask, value = known[0][t], known[1][t]
+            else:
+                mask, value = fixed_t
+            given = (value, teacher) if has_prior_sites else (None, None)
+            state, value, log_q = network.decode(state, key, address, instance, dist_type, mask, *given)
+            return (state, values.at[t].set(value), known), log_q
 
+        # Without dynamic tokens the fixed masks and values stream in with the token; otherwise
+        # the latest oracle run rides in the carry (starting from the fixed tokens).
         inputs = (jnp.arange(num_tokens), jax.random.split(proposal_key, num_tokens), layout["address"],
-                  layout["instance"], layout["dist_type"], prior_token)
-        (_, values), log_q_tokens = jax.lax.scan(decode_one, (prefix_state, jnp.zeros((num_tokens, width))), inputs)
+                  layout["instance"], layout["dist_type"], prior_token, jnp.asarray(plan.refresh),
+                  None if any_dynamic else fixed)
+        init = (prefix_state, jnp.zeros((num_tokens, width)), fixed if any_dynamic else None)
+        (_, values, _), log_q_tokens = jax.lax.scan(decode_one, init, inputs)
         trace = run_model(model_key, values)
         tokens, _ = trace_to_tokens(spec, trace)
         proposed = tokens.mask & ~prior_token
@@ -125,6 +149,74 @@ def sample_particles(network, spec: TraceSpec, model: Callable, key: jax.Array,
     # A particle with a non-finite weight (e.g. outside the support) gets zero weight.
     log_w = jnp.where(jnp.isnan(log_w), -jnp.inf, log_w)
     return Particles(samples, log_w, log_p, log_q, executed, log_q_discrete, tokens)
+
+
+def substituted_trace(spec: TraceSpec, model: Callable, observations: Mapping[str, jax.Array],
+                      model_key: jax.Array, values: jax.Array) -> dict:
+    """One run of ``model`` seeded with ``model_key``, conditioned on ``observations``, with every
+    proposed latent site given its token values from ``values`` (``(num_tokens, value_dim)``):
+    its trace. Prior-drawn sites draw from their prior.
+
+    Example:
+        >>> trace = substituted_trace(spec, model, {"obs": 25.0}, jax.random.key(0), tokens.value)
+        >>> trace["x"]["value"]
+    """
+    conditioned = handlers.condition(handlers.seed(model, model_key), data=observations)
+    substituted = handlers.substitute(conditioned, substitute_fn=_token_substitution(spec, values))
+    return handlers.trace(substituted).get_trace()
+
+
+class DecodePlan(NamedTuple):
+    """Per token position (``(num_tokens,)`` boolean arrays, known at trace time):
+
+    ``dynamic``: the token's executed-mask, or its value if its site is drawn from the prior, can
+    depend on the values decoded before it or on the model's random key, so the model must run
+    to learn it; ``refresh``: the model runs before this token (the first token of each dynamic
+    site, and of each of its time steps inside ``scan``).
+    """
+
+    dynamic: np.ndarray
+    refresh: np.ndarray
+
+
+def decode_plan(spec: TraceSpec, model: Callable, observations: Mapping[str, jax.Array],
+                key: jax.Array) -> DecodePlan:
+    """Which token positions need the model to run while the proposal decodes (see :class:`DecodePlan`).
+
+    Read from the jaxpr of one substituted run (nothing is computed): a site whose mask and
+    prior-drawn value depend neither on the token values nor on the model key (a site without
+    ``handlers.mask``, or masked by constants or observations only, and not drawn from its prior)
+    is fixed. A site's mask and value cannot depend on its own tokens (the model computes them
+    before the site's sample statement), so one run at the site's first token serves all of them.
+    ``key`` is a key of the kind the particles use.
+
+    Example:
+        >>> plan = decode_plan(spec, model, {"obs": 25.0}, jax.random.key(0))
+        >>> plan.dynamic.sum(), plan.refresh.sum()   # tokens with a changing mask, model runs per particle
+    """
+    width = spec.value_dim
+
+    def site_outputs(model_key, values):
+        trace = substituted_trace(spec, model, observations, model_key, values)
+        masks = [site_mask(trace[s.name]["fn"], s.batch_shape) for s in spec.latents]
+        priors = [as_tokens(s, trace[s.name]["fn"], trace[s.name]["value"], width)[0]
+                  for s in spec.latents if not s.propose]
+        return masks, priors
+
+    key_type = jax.eval_shape(lambda k: jax.random.split(k)[1], key)
+    values_type = jax.ShapeDtypeStruct((spec.num_tokens, width), jnp.float32)
+    closed = jax.make_jaxpr(site_outputs)(key_type, values_type)
+    flags = dependent_outputs(closed, [True] * len(closed.jaxpr.invars))
+    mask_flags, prior_flags = flags[:len(spec.latents)], iter(flags[len(spec.latents):])
+    dynamic = np.zeros(spec.num_tokens, bool)
+    refresh = np.zeros(spec.num_tokens, bool)
+    for site, mask_flag in zip(spec.latents, mask_flags):
+        if mask_flag or (not site.propose and next(prior_flags)):
+            positions = site.positions()
+            dynamic[positions] = True
+            steps = positions.reshape(site.scan_length or 1, -1)  # one row per time step
+            refresh[steps[:, 0]] = True
+    return DecodePlan(dynamic, refresh)
 
 
 def _token_substitution(spec: TraceSpec, values: jax.Array) -> Callable:
