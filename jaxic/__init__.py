@@ -6,8 +6,9 @@ Example:
     >>> print(post.summary())
 """
 
-from jaxic import control_flow, diagnostics, parallel, proposal, validation
+from jaxic import callbacks, control_flow, diagnostics, parallel, proposal, validation
 from jaxic.api import CompiledModel, TrainConfig, compile, load
+from jaxic.callbacks import CSVLogger, TensorBoardLogger, TrainingRecord
 from jaxic.control_flow import bounded_while, rejection_sample
 from jaxic.errors import (CheckpointError, IndexOutOfRangeError, JaxicError, ModelError, ObservationError,
                           UnknownSiteError, UnsupportedDistributionError, UntraceableModelError)
@@ -25,4 +26,5 @@ __all__ = ["control_flow", "bounded_while", "rejection_sample", "TraceDataset", 
            "UntraceableModelError",
            "Posterior", "predictive",
            "importance_sample", "TransformerConfig", "TraceSpec", "derive_trace_spec", "sample_joint",
-           "diagnostics", "to_arviz", "parallel", "proposal", "Proposal", "validation"]
+           "diagnostics", "to_arviz", "parallel", "proposal", "Proposal", "validation", "callbacks", "CSVLogger",
+           "TensorBoardLogger", "TrainingRecord"]

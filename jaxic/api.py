@@ -24,6 +24,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxic import checkpoint, loops, parallel, proposal as core, training
+from jaxic.callbacks import TrainingRecord
 from jaxic import validation as checks
 from jaxic.errors import CheckpointError, JaxicError, ModelError, ObservationError
 from jaxic.inference import Posterior, predictive
@@ -49,6 +50,7 @@ class TrainConfig:
 
 
 _validation_loss = jax.jit(core.held_out_loss)
+_LOSS_LABELS = {"forward_kl": "−log q(x | y)", "elbo": "negative ELBO", "rws": "RWS loss"}
 _log_prob = jax.jit(lambda proposal, latents, observations: core.log_prob(proposal, latents, observations)[0])
 
 
@@ -66,15 +68,19 @@ class CompiledModel:
     def __init__(self, proposal: core.Proposal, objective, optimizer: optax.GradientTransformation,
                  train_config: TrainConfig, loop: loops.TrainingLoop, validation, key: jax.Array, *,
                  model: Callable, model_args: Sequence = (), model_kwargs: Mapping | None = None,
-                 data: Mapping | None = None, dataset: TraceDataset | None = None, mesh=None):
+                 data: Mapping | None = None, dataset: TraceDataset | None = None, mesh=None,
+                 evaluate: Callable | None = None):
         self.model, self.model_args, self.model_kwargs = model, tuple(model_args), dict(model_kwargs or {})
         self.template, self.objective, self.optimizer, self.loop = proposal, objective, optimizer, loop
         self.train_config, self.dataset, self.mesh, self.compile_key = train_config, dataset, mesh, key
         self.state = training.init(proposal.params, proposal.statistics, optimizer, jax.random.split(key, 4)[3],
                                    proposal.model_params)
         self.validation, self.data = validation, data
+        # Data objectives: the objective's own quantity on the current model, with this fixed key.
+        self.evaluate, self.validation_key = evaluate, jax.random.split(key, 4)[2]
         if mesh is not None:
-            self.state, self.validation, self.data = parallel.replicate((self.state, validation, data), mesh)
+            self.state, self.validation, self.data, self.validation_key = parallel.replicate(
+                (self.state, validation, data, self.validation_key), mesh)
         self.history: dict[str, list] = {"loss": [], "validation_step": [], "validation_loss": [], "skipped": []}
         self.checkpoint_dir, self.checkpoint_every, self.max_to_keep = None, None, 3
         self.sharding = None if mesh is None else parallel.batch_sharding(mesh)
@@ -113,29 +119,88 @@ class CompiledModel:
         return "dataset" if self.dataset is not None else ("universal" if self.spec.dynamic else "masked")
 
     def validation_loss(self) -> float:
-        """Mean ``-log q(x | y)`` on the fixed held-out joint samples."""
-        return float(_validation_loss(self.proposal, *self.validation))
+        """The validation loss that training records: for forward KL, the mean ``-log q(x | y)`` on the
+        fixed held-out joint samples; for objectives that train the model on data (``"elbo"``,
+        ``"rws"``), the negative ELBO per data point of the current proposal AND current model on
+        ``validation_size`` data rows drawn with a fixed key (held-out joint samples drawn from the
+        initial model would go stale as the model learns). See :attr:`validation_label`.
 
-    def train(self, num_steps: int | None = None, *, seconds: float | None = None, progress: bool = True,
+        Example:
+            >>> compiled.validation_loss()
+        """
+        if self.evaluate is None:
+            return float(_validation_loss(self.proposal, *self.validation))
+        if self.data is None:
+            raise JaxicError(f"the {self.objective.name} objective is validated on real observations: pass "
+                             "data={site: array with one row per data point} to jaxic.compile / jaxic.load.")
+        return float(self.evaluate(self.state, self.validation_key, self.data))
+
+    @property
+    def loss_label(self) -> str:
+        """What ``history["loss"]`` measures, e.g. ``"negative ELBO"`` (for axis labels and logs)."""
+        return _LOSS_LABELS.get(self.objective.name, f"{self.objective.name} loss")
+
+    @property
+    def validation_label(self) -> str:
+        """What ``history["validation_loss"]`` measures (see :meth:`validation_loss`)."""
+        return "negative ELBO (current model)" if self.evaluate is not None else "held-out −log q(x | y)"
+
+    @property
+    def best_step(self) -> int | None:
+        """The step whose parameters the last ``train(..., patience=...)`` restored (None before one)."""
+        best = self.history.get("best_step", [])
+        return int(best[-1]) if best else None
+
+    def learning_rate(self) -> float | None:
+        """The default schedule's learning rate for the next step (None with a custom optimizer).
+
+        Example:
+            >>> compiled.learning_rate()
+        """
+        hyper = training.schedule_hyperparams(self.state.opt_state)
+        return None if hyper is None else float(training.warmup_cosine(self.step, **hyper))
+
+    def train(self, num_steps: int | None = None, *, seconds: float | None = None, patience: int | None = None,
+              callbacks: Sequence[Callable] | Callable = (), progress: bool = True,
               validate: bool = True) -> "CompiledModel":
         """Run ``num_steps`` more optimisation steps, or as many as fit in ``seconds`` of wall-clock
-        time (compilation included), or whichever ends first. Interrupting it (Ctrl-C) keeps the
-        state, step and history of the last finished chunk in agreement. ``validate=False`` skips
-        the held-out loss (every ``train_config.validation_every`` steps and at the end).
+        time, or whichever is fewer. Interrupting it (Ctrl-C) keeps the state, step and history of
+        the last finished chunk in agreement. ``validate=False`` skips the validation loss (every
+        ``train_config.validation_every`` steps and at the end).
+
+        ``seconds`` with the default optimizer: the first chunk is compiled and one chunk timed (its
+        result discarded), then the number of steps left in the budget is fixed and the
+        learning-rate schedule refitted to end (at 5% of the peak) exactly at the last of them;
+        those steps are then all taken, so the run ends close to, not exactly at, ``seconds``. With
+        a custom optimizer the budget just stops training.
+
+        ``patience``: stop after that many validations in a row without a new best validation loss,
+        and at the end put back the parameters of the best validated step (``best_step``,
+        ``history["best_step"]``; the step count, optimizer state and history go on as trained).
+
+        ``callbacks``: each is called after every chunk with a :class:`jaxic.callbacks.TrainingRecord`;
+        one that returns ``True`` stops training there (see :mod:`jaxic.callbacks`).
 
         Example:
             >>> compiled.train(1000)
-            >>> compiled.train(seconds=60)
+            >>> compiled.train(seconds=60, patience=5, callbacks=[jaxic.callbacks.CSVLogger("log.csv")])
         """
         if num_steps is None and seconds is None:
             raise JaxicError("train() needs num_steps, seconds, or both; e.g. compiled.train(1000).")
         num_steps = None if num_steps is None else checks.nonnegative_int("num_steps", num_steps)
         seconds = None if seconds is None else checks.positive_float("seconds", seconds)
+        if patience is not None:
+            patience = checks.positive_int("patience", patience)
+            if not validate:
+                raise JaxicError("patience counts validations without improvement: it needs validate=True.")
+        callbacks = _checked_callbacks(callbacks)
         cfg = self.train_config
-        if not cfg.custom_optimizer and num_steps is not None and 0 < cfg.num_steps < self.step + num_steps:
+        if seconds is None and not cfg.custom_optimizer and num_steps is not None and \
+                0 < cfg.num_steps < self.step + num_steps:
             warnings.warn(f"training to step {self.step + num_steps}, past the {cfg.num_steps} steps the learning-rate "
                           "schedule was built for: the rate stays at 5% of its peak from there on. Compile with "
-                          "the total num_steps (or num_steps=0 for a constant rate) to avoid this.", stacklevel=2)
+                          "the total num_steps (or num_steps=0 for a constant rate), or train with seconds= "
+                          "(which refits the schedule), to avoid this.", stacklevel=2)
         if self.objective.needs_data and self.data is None:
             raise JaxicError(f"the {self.objective.name} objective trains on real observations: pass "
                              "data={site: array with one row per data point} to jaxic.compile / jaxic.load.")
@@ -143,30 +208,83 @@ class CompiledModel:
         with bar, contextlib.ExitStack() as stack:
             saver = None if self.checkpoint_dir is None else stack.enter_context(
                 checkpoint.PeriodicCheckpointer(self.checkpoint_dir, self.max_to_keep))
-            self._train_chunks(num_steps, seconds, validate, bar, saver)
+            if seconds is not None and not cfg.custom_optimizer:
+                num_steps, seconds = self._fit_schedule(num_steps, seconds, validate), None
+                bar.reset(total=num_steps)
+            self._train_chunks(num_steps, seconds, validate, bar, saver, patience, callbacks)
         return self
 
-    def _train_chunks(self, num_steps, seconds, validate, bar, saver) -> None:
+    def _fit_schedule(self, num_steps: int | None, seconds: float, validate: bool) -> int:
+        """Steps that fit in ``seconds`` (timed after compiling), with the schedule refitted to end at the last."""
+        start, cfg = time.monotonic(), self.train_config
+        # Compile, then time one chunk; both results are discarded so the schedule holds from the first step.
+        np.asarray(self.loop.run(self.state, 1, self.data)[1].loss)
+        timed = time.monotonic()
+        np.asarray(self.loop.run(self.state, cfg.steps_per_call, self.data)[1].loss)
+        per_step = (time.monotonic() - timed) / cfg.steps_per_call
+        if validate:
+            self.validation_loss()  # compiles it
+            timed = time.monotonic()
+            self.validation_loss()
+            per_step += (time.monotonic() - timed) / max(cfg.validation_every, 1)
+        left = seconds - (time.monotonic() - start)
+        fitted = max(int(left / max(per_step, 1e-9)), 0)
+        if num_steps is not None:
+            fitted = min(fitted, num_steps)
+        if fitted == 0:
+            warnings.warn(f"the budget of seconds={seconds:g} was spent compiling and timing "
+                          f"({time.monotonic() - start:.1f} s): no steps taken. Give more seconds.", stacklevel=3)
+            return 0
+        horizon = self.step + fitted
+        opt_state = training.set_num_steps(self.state.opt_state, horizon)
+        if self.mesh is not None:
+            opt_state = parallel.replicate(opt_state, self.mesh)
+        with _interrupts_deferred():
+            self.state = self.state._replace(opt_state=opt_state)
+            changes = {"num_steps": horizon}
+            if self.step == 0:  # a fresh run validates about 20 times, as compile(num_steps=...) does
+                changes["validation_every"] = max(cfg.steps_per_call, fitted // 20)
+            self.train_config = dataclasses.replace(cfg, **changes)
+        return fitted
+
+    def _train_chunks(self, num_steps, seconds, validate, bar, saver, patience=None, callbacks=()) -> None:
         cfg, start, done, since_validation, postfix = self.train_config, time.monotonic(), 0, 0, {}
         dropped, dropped_sites = 0, []
+        best_loss, best_step, best_params, waited = np.inf, None, None, 0
         while (num_steps is None or done < num_steps) and (seconds is None or time.monotonic() - start < seconds):
             active = cfg.steps_per_call if num_steps is None else min(cfg.steps_per_call, num_steps - done)
+            first = self.step
             state, info = self.loop.run(self.state, active, self.data)
             loss, skipped = np.asarray(info.loss), np.asarray(info.skipped)  # waits for the chunk
             metrics = {name: np.asarray(value).tolist() for name, value in info.metrics.items()}
+            hyper = training.schedule_hyperparams(state.opt_state)
+            rates = None if hyper is None else \
+                np.asarray(training.warmup_cosine(np.arange(first, first + active), **hyper)).tolist()
             with _interrupts_deferred():  # state and history change together or not at all
                 self.state = state
                 self.history["loss"].extend(loss.tolist())
                 self.history["skipped"].extend((np.flatnonzero(skipped) + self.step - active).tolist())
                 for name, values in metrics.items():  # the objective's own: dropped draws, ELBO, ESS, ...
                     self.history.setdefault(name, []).extend(values)
+                if rates is not None:
+                    self.history.setdefault("learning_rate", []).extend(rates)
             dropped += int(np.sum(metrics.get("dropped", 0)))
             dropped_sites += metrics.get("dropped_site", [])
             done, since_validation = done + active, since_validation + active
-            last = num_steps is not None and done == num_steps
+            last = (num_steps is not None and done == num_steps) or \
+                (seconds is not None and time.monotonic() - start >= seconds)
+            value, stop = None, False
             if validate and (since_validation >= cfg.validation_every or last):
                 since_validation = 0
-                postfix["val"] = f"{self._record_validation():.3f}"
+                value = self._record_validation()
+                postfix["val"] = f"{value:.3f}"
+                if patience is not None:
+                    if value < best_loss:  # NaN is never an improvement
+                        best_loss, best_step, waited = value, self.step, 0
+                        best_params = (self.state.params, self.state.model_params)
+                    else:
+                        waited += 1
+                        stop = waited >= patience
             finite = loss[np.isfinite(loss)]
             postfix["loss"] = f"{finite.mean():.3f}" if finite.size else "nan"
             if self.history["skipped"]:
@@ -175,10 +293,26 @@ class CompiledModel:
                 postfix["dropped"] = dropped
             bar.set_postfix(postfix, refresh=False)
             bar.update(active)
-            if saver is not None and self.step // self.checkpoint_every > (self.step - active) // self.checkpoint_every:
+            if callbacks:
+                record = TrainingRecord(self.step, float(finite.mean()) if finite.size else float("nan"), value,
+                                        None if rates is None else rates[-1], _chunk_metrics(metrics))
+                # Every callback sees the record, even after one asked to stop.
+                stop = any([callback(record) is True for callback in callbacks]) or stop
+            if stop or last:
+                break  # the final save below, after restoring the best parameters
+            every = self.checkpoint_every or max(cfg.validation_every, 1)  # None: at each validation
+            if saver is not None and self.step // every > (self.step - active) // every:
                 saver.save(self.step, _state_arrays(self.state), checkpoint_metadata(self))
-        if validate and done and self.history["validation_step"][-1:] != [self.step]:  # a time budget ended it
-            bar.set_postfix({**postfix, "val": f"{self._record_validation():.3f}"})
+        if validate and done and self.history["validation_step"][-1:] != [self.step]:  # a callback ended it
+            value = self._record_validation()
+            bar.set_postfix({**postfix, "val": f"{value:.3f}"})
+            if patience is not None and value < best_loss:
+                best_loss, best_step, best_params = value, self.step, (self.state.params, self.state.model_params)
+        if best_params is not None:
+            with _interrupts_deferred():
+                params, model_params = best_params
+                self.state = self.state._replace(params=params, model_params=model_params)
+                self.history.setdefault("best_step", []).append(best_step)
         message = objectives.drop_warning(self.spec, dropped, done * cfg.batch_size, dropped_sites)
         if message:
             warnings.warn(message, stacklevel=3)
@@ -268,16 +402,17 @@ class CompiledModel:
         checks.check_observations(self.spec, observations, self.observed_supports, self.plate)
         return {k: jnp.asarray(np.asarray(v), jnp.float32) for k, v in observations.items()}
 
-    def checkpoint_to(self, directory: str | os.PathLike, every: int, max_to_keep: int = 3) -> "CompiledModel":
-        """Save a checkpoint every ``every`` steps while training (and at the end of each
-        :meth:`train`), keeping the newest ``max_to_keep``, through orbax's ``CheckpointManager``.
+    def checkpoint_to(self, directory: str | os.PathLike, every: int | None = None,
+                      max_to_keep: int = 3) -> "CompiledModel":
+        """Save a checkpoint every ``every`` steps (None: at each validation, also once ``seconds=``
+        has fixed how often that is) while training (and at the end of each :meth:`train`), keeping the newest ``max_to_keep``, through orbax's ``CheckpointManager``.
         ``jaxic.load(directory, model)`` resumes from the newest complete step. A folder holding
         anything but such checkpoints is refused before training starts.
 
         Example:
             >>> compiled.checkpoint_to("runs/ring", every=500).train(5000)
         """
-        every = checks.positive_int("checkpoint_every", every)
+        every = None if every is None else checks.positive_int("checkpoint_every", every)
         checkpoint.PeriodicCheckpointer(directory, max_to_keep).close()  # refuses a foreign folder now
         self.checkpoint_dir, self.checkpoint_every, self.max_to_keep = directory, every, max_to_keep
         return self
@@ -318,6 +453,30 @@ def _interrupts_deferred():
         signal.signal(signal.SIGINT, previous)
     if received:
         raise KeyboardInterrupt
+
+
+def _checked_callbacks(callbacks) -> list[Callable]:
+    callbacks = [callbacks] if callable(callbacks) else callbacks
+    if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Sequence):
+        raise JaxicError(f"callbacks must be a list of functions taking a jaxic.callbacks.TrainingRecord, got "
+                         f"{type(callbacks).__name__}; e.g. callbacks=[jaxic.callbacks.CSVLogger('log.csv')].")
+    for i, callback in enumerate(callbacks):
+        if not callable(callback):
+            raise JaxicError(f"callbacks[{i}] is {callback!r} of type {type(callback).__name__}, not callable; give "
+                             "functions taking a jaxic.callbacks.TrainingRecord.")
+    return list(callbacks)
+
+
+def _chunk_metrics(metrics: dict[str, list]) -> dict[str, float]:
+    """The objective's metrics over one chunk: counts summed, the rest averaged over finite values."""
+    out = {}
+    for name, values in metrics.items():
+        if name == "dropped_site":  # a site index, meaningless as an average
+            continue
+        array = np.asarray(values, np.float64)
+        finite = array[np.isfinite(array)]
+        out[name] = float(finite.sum() if name == "dropped" else finite.mean()) if finite.size else float("nan")
+    return out
 
 
 def _state_arrays(state: training.TrainState) -> list[jax.Array]:
@@ -389,12 +548,17 @@ def _assemble(model, model_args, model_kwargs, observed, key, network, train_con
                                    sharding=None if mesh is None else parallel.batch_sharding(mesh))
         loop = loops.CompiledSteps(step, train_config.steps_per_call,
                                    None if mesh is None else parallel.replicated(mesh))
+    evaluate = None
+    if objective.needs_data:  # validated on the current model: see CompiledModel.validation_loss
+        evaluate = jax.jit(training.build_evaluation(
+            proposal.graphdef, objectives.elbo(), train_config.validation_size,
+            core.bind(model, model_args, model_kwargs), dict(proposal.param_constraints), plate=proposal.plate))
     return CompiledModel(proposal, objective, optimizer, train_config, loop, jax.tree.map(jnp.asarray, validation),
                          key, model=model, model_args=model_args, model_kwargs=model_kwargs, data=data,
-                         dataset=dataset, mesh=mesh)
+                         dataset=dataset, mesh=mesh, evaluate=evaluate)
 
 
-def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps: int = 2000, *,
+def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps: int | None = None, *,
             model_args: Sequence = (), model_kwargs: Mapping | None = None,
             network: Any = None, optimizer: optax.GradientTransformation | None = None,
             batch_size: int = 64, learning_rate: float = 3e-3, validation_size: int = 1024,
@@ -404,7 +568,8 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
             data: Mapping[str, Any] | None = None, local_plate: str | None = None,
             progress: bool = True, devices: Any = None, checkpoint_dir: str | os.PathLike | None = None,
             checkpoint_every: int | None = None, max_to_keep: int = 3, max_sites_per_run: int | None = None,
-            run_timeout: float | None = None) -> CompiledModel:
+            run_timeout: float | None = None, seconds: float | None = None, patience: int | None = None,
+            callbacks: Sequence[Callable] | Callable = ()) -> CompiledModel:
     """Compile an amortized proposal (an inference network) for a NumPyro model.
 
     By default it trains by inference compilation (forward KL on fresh joint samples, no
@@ -415,7 +580,10 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
         model: a plain generative NumPyro model.
         observed: names of the sites that will be observed (simulated during training).
         key: PRNG key for initialisation, statistics, validation set and training.
-        num_steps: optimisation steps (each draws ``batch_size`` fresh joint traces).
+        num_steps: optimisation steps (each draws ``batch_size`` fresh joint traces); default 2000, or
+            as many as ``seconds`` allows.
+        seconds, patience, callbacks: a wall-clock budget (the learning-rate schedule is fitted to the
+            steps it allows), early stopping and per-chunk callbacks: see :meth:`CompiledModel.train`.
         model_args, model_kwargs: fixed arguments of the model.
         network: network configuration (default :class:`jaxic.networks.TransformerConfig`; with a
             ``local_plate`` whose element has one latent token, :class:`jaxic.networks.FeedForwardConfig`), or the
@@ -465,7 +633,10 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
     model = checks.model_callable(model)
     observed = checks.observed_names(observed)
     key = checks.prng_key("key", key)
-    num_steps = checks.nonnegative_int("num_steps", num_steps)
+    if seconds is not None:
+        seconds = checks.positive_float("seconds", seconds)
+    num_steps = (2000 if seconds is None else 0) if num_steps is None else checks.nonnegative_int("num_steps",
+                                                                                                   num_steps)
     batch_size = checks.positive_int("batch_size", batch_size)
     validation_size = checks.positive_int("validation_size", validation_size)
     learning_rate = checks.positive_float("learning_rate", learning_rate)
@@ -490,11 +661,11 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
                              max_tokens=max_tokens, objective=objective, data=data, local_plate=local_plate,
                              devices=devices, max_sites_per_run=max_sites_per_run, run_timeout=run_timeout)
     if checkpoint_dir is not None:
-        compiled.checkpoint_to(checkpoint_dir, checkpoint_every if checkpoint_every is not None else
-                               max(train_config.validation_every, 1), max_to_keep)
+        compiled.checkpoint_to(checkpoint_dir, checkpoint_every, max_to_keep)
     elif checkpoint_every is not None:
         raise JaxicError("checkpoint_every needs checkpoint_dir: the folder to save into.")
-    return compiled.train(num_steps, progress=progress)
+    return compiled.train(num_steps if seconds is None or num_steps else None, seconds=seconds, patience=patience,
+                          callbacks=callbacks, progress=progress)
 
 
 def load(path: str | os.PathLike, model: Callable, *, model_args: Sequence = (), model_kwargs: Mapping | None = None,

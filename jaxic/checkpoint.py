@@ -13,6 +13,11 @@ deleted only after that rename, so a save killed at any moment leaves the previo
 step loadable. Readers take the newest step whose manifest verifies; leftovers of a killed save
 are skipped by readers and removed by the next save. A one-off save is the same thing with
 ``max_to_keep=1``.
+
+Several processes (``jax.distributed``): every process calls the same save, as with orbax; the
+primary process (``jax.process_index() == 0``) alone writes the folder, markers, manifests and
+arrays (the training state is replicated, so it holds every value), and the others wait for it
+and raise a :class:`CheckpointError` if it failed. Reads are independent in each process.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxic.errors import CheckpointError
 
@@ -164,6 +170,50 @@ def _claim(path: str | os.PathLike, kind: str) -> tuple[Path, bool]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Several processes: the primary one writes, the others wait at a barrier and learn the outcome.
+
+def _this_process_only() -> ocp.options.MultiprocessingOptions:
+    """Orbax options under which this process alone takes part (no barriers with the others)."""
+    if jax.process_count() == 1:
+        return ocp.options.MultiprocessingOptions()
+    return ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                              active_processes={jax.process_index()})
+
+
+def _on_primary(action, what: str):
+    """``action()`` on the primary process only; every process returns once it is done (a barrier),
+    and raises if it failed. One process: just ``action()``."""
+    if jax.process_count() == 1:
+        return action()
+    result, failure = None, None
+    if jax.process_index() == 0:
+        try:
+            result = action()
+        except Exception as exc:  # re-raised below, after the others have heard of it
+            failure = exc
+    ok = bool(multihost_utils.broadcast_one_to_all(np.int32(failure is None)))
+    if failure is not None:
+        raise failure
+    if not ok:
+        raise CheckpointError(f"{what} failed on the primary process (jax.process_index() == 0); its error says "
+                              "why.")
+    return result
+
+
+def _host_arrays(arrays: list) -> list[np.ndarray]:
+    """Host copies; an array spread over processes must be replicated (each process holds all of it)."""
+    out = []
+    for i, a in enumerate(arrays):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            if not a.is_fully_replicated:
+                raise CheckpointError(f"array {i} to save is sharded over several processes; jaxic saves replicated "
+                                      "training states only (as compile(devices=...) makes them).")
+            a = a.addressable_data(0)
+        out.append(np.asarray(a))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # One step's payload: arrays through orbax, metadata as JSON, a manifest of SHA-256 checksums.
 
 def _sha256(file: Path, sync: bool = False) -> tuple[str, int]:
@@ -183,8 +233,8 @@ def _files_checksum(files: dict) -> str:
 
 def _write_payload(directory: Path, arrays: list, metadata_json: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory / _ARRAYS, {f"{i:05d}": np.asarray(a) for i, a in enumerate(arrays)})
+    with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as checkpointer:
+        checkpointer.save(directory / _ARRAYS, {f"{i:05d}": a for i, a in enumerate(_host_arrays(arrays))})
         checkpointer.wait_until_finished()
     (directory / _METADATA).write_text(metadata_json)
     files = {}
@@ -263,8 +313,11 @@ ocp.args.register_with_handler(_PayloadHandler, for_restore=True)(_PayloadRestor
 
 
 def _manager(directory: Path, max_to_keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
-                                           enable_async_checkpointing=False, save_root_metadata=False)
+    # _claim has made the folder; orbax refuses create=True for a subset of processes.
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=jax.process_count() == 1,
+                                           cleanup_tmp_directories=True,
+                                           enable_async_checkpointing=False, save_root_metadata=False,
+                                           multiprocessing_options=_this_process_only())
     try:
         return ocp.CheckpointManager(directory, options=options, item_names=(_ITEM,))
     except Exception as exc:  # orbax/tensorstore errors surface with the path named
@@ -300,13 +353,20 @@ def write_checkpoint(path: str | os.PathLike, arrays: list[jax.Array], metadata:
 
     ``path`` must be new, an empty folder, or a jaxic checkpoint (replaced atomically: a save killed
     at any moment leaves the old or the new one loadable); anything else raises ``CheckpointError``
-    and is left untouched. Every written file's SHA-256 is recorded and checked when read.
+    and is left untouched. Every written file's SHA-256 is recorded and checked when read. With
+    several processes, call it from every one: the primary writes, the others wait for it.
 
     Example:
         >>> write_checkpoint("ckpt", [jnp.zeros(3)], {"note": "demo"})
         PosixPath('/home/me/ckpt')
     """
     metadata_json = _metadata_json(path, metadata)
+    target = _as_path(path, "save a checkpoint to")
+    _on_primary(lambda: _write_single(path, arrays, metadata_json), f"saving checkpoint '{target}'")
+    return target
+
+
+def _write_single(path, arrays: list, metadata_json: str) -> Path:
     path, legacy = _claim(path, _SINGLE)
     with _manager(path, max_to_keep=1) as manager:
         latest = manager.latest_step()
@@ -322,6 +382,7 @@ class PeriodicCheckpointer:
     """Periodic, rotating checkpoints in ``directory`` through orbax's ``CheckpointManager``.
 
     Each step is checksummed like :func:`write_checkpoint`; the newest ``max_to_keep`` steps are kept.
+    With several processes, every process creates it and calls :meth:`save` (the primary writes).
     ``directory`` must be new, empty, or a periodic jaxic checkpoint folder (whose steps continue).
     :func:`read_metadata` and :func:`read_arrays` accept ``directory`` and read its newest complete step.
 
@@ -336,9 +397,14 @@ class PeriodicCheckpointer:
     def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3):
         if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
             raise CheckpointError(f"max_to_keep must be a positive integer, got {max_to_keep!r}.")
-        self.directory, _ = _claim(directory, _PERIODIC)
+        self.directory = _as_path(directory, "save periodic checkpoints to")
         self.max_to_keep = max_to_keep
-        self._manager = _manager(self.directory, max_to_keep)
+
+        def open_manager():
+            return _manager(_claim(directory, _PERIODIC)[0], max_to_keep)
+
+        self._manager = _on_primary(open_manager, f"opening checkpoint folder '{self.directory}'")
+        self._open = True
 
     def save(self, step: int, arrays: list[jax.Array], metadata: dict[str, Any]) -> Path:
         """Save ``arrays`` and ``metadata`` as ``step`` (after the latest one); returns the step folder.
@@ -347,16 +413,22 @@ class PeriodicCheckpointer:
             >>> ckpt.save(500, [jnp.zeros(3)], {"step": 500})
             PosixPath('/home/me/run/500')
         """
-        if self._manager is None:
+        if not self._open:
             raise CheckpointError(f"PeriodicCheckpointer('{self.directory}') is closed; create a new one.")
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise CheckpointError(f"step must be a non-negative integer, got {step!r}.")
-        latest = self._manager.latest_step()
-        if latest is not None and step <= latest:
-            raise CheckpointError(f"cannot save step {step} to '{self.directory}': it already holds step {latest}, "
-                                  "and steps must increase. Use a new checkpoint folder, or move the later steps "
-                                  "away.")
-        return _save_step(self._manager, self.directory, int(step), arrays, _metadata_json(self.directory, metadata))
+        metadata_json = _metadata_json(self.directory, metadata)
+
+        def save():
+            latest = self._manager.latest_step()
+            if latest is not None and step <= latest:
+                raise CheckpointError(f"cannot save step {step} to '{self.directory}': it already holds step "
+                                      f"{latest}, and steps must increase. Use a new checkpoint folder, or move the "
+                                      "later steps away.")
+            return _save_step(self._manager, self.directory, int(step), arrays, metadata_json)
+
+        _on_primary(save, f"saving step {step} to '{self.directory}'")
+        return self.directory / str(int(step))
 
     def all_steps(self) -> list[int]:
         """Steps present in the folder, oldest first (readers skip any that fail verification).
@@ -368,12 +440,17 @@ class PeriodicCheckpointer:
         return sorted(self._manager.all_steps()) if self._manager is not None else sorted(_steps(self.directory))
 
     def latest_step(self) -> int | None:
-        """The newest step present, or None before the first save.
+        """The newest step present, or None before the first save (with several processes, the
+        primary's answer: call it from every process).
 
         Example:
             >>> ckpt.latest_step()
             400
         """
+        if jax.process_count() > 1:  # the primary's answer, so that every process decides alike
+            steps = self.all_steps() if jax.process_index() == 0 else []
+            latest = int(multihost_utils.broadcast_one_to_all(np.int32(steps[-1] if steps else -1)))
+            return None if latest < 0 else latest
         steps = self.all_steps()
         return steps[-1] if steps else None
 
@@ -386,6 +463,7 @@ class PeriodicCheckpointer:
         if self._manager is not None:
             self._manager.close()
             self._manager = None
+        self._open = False
 
     def __enter__(self) -> PeriodicCheckpointer:
         return self
@@ -478,7 +556,7 @@ def read_arrays(path: str | os.PathLike, like: list[jax.Array]) -> list[np.ndarr
     arrays_dir = step_dir / _ARRAYS if _legacy(step_dir) else step_dir / _ITEM / _ARRAYS
     target = {f"{i:05d}": jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype) for i, a in enumerate(like)}
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as checkpointer:
             stored = checkpointer.metadata(arrays_dir)
             stored = getattr(stored, "item_metadata", stored)
             if len(stored) != len(like):

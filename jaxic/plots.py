@@ -138,7 +138,9 @@ def _moving_average(x: np.ndarray, window: int) -> np.ndarray:
 
 def plot_training(compiled, window: int | None = None, *, figsize: tuple[float, float] = (6.0, 3.5)):
     """Training loss per step (raw and smoothed over ``window`` steps) and the validation
-    loss, both as ``-log q(x | y)``. Returns the figure.
+    loss, labelled with what they measure (``compiled.loss_label``, ``compiled.validation_label``:
+    ``-log q(x | y)`` for forward KL; the negative ELBO of the current model for the ELBO, whose
+    validation is a negative ELBO too, and for RWS). Returns the figure.
 
     Example:
         >>> jaxic.plots.plot_training(compiled).savefig("training.png")
@@ -151,11 +153,11 @@ def plot_training(compiled, window: int | None = None, *, figsize: tuple[float, 
     steps = np.arange(1, loss.size + 1)
     fig, ax = plt.subplots(figsize=figsize)
     ax.plot(steps, np.where(np.isfinite(loss), loss, np.nan), color="tab:blue", alpha=0.25, lw=0.8,
-            label="training loss")
+            label=f"training: {compiled.loss_label}")
     ax.plot(steps, _moving_average(loss, window), color="tab:blue", lw=1.6, label=f"smoothed ({window} steps)")
     val_steps, val = compiled.history.get("validation_step", []), compiled.history.get("validation_loss", [])
     if val:
-        ax.plot(val_steps, val, "o-", color="tab:orange", ms=3.5, lw=1.2, label="validation loss")
+        ax.plot(val_steps, val, "o-", color="tab:orange", ms=3.5, lw=1.2, label=f"validation: {compiled.validation_label}")
     finite = loss[np.isfinite(loss)]
     if finite.size > 10:  # early losses dwarf the rest: clip the view to where training is
         low, high = np.percentile(finite, [0.5, 99.0])
@@ -163,7 +165,9 @@ def plot_training(compiled, window: int | None = None, *, figsize: tuple[float, 
             low, high = min(low, min(val)), max(high, max(val))
         ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
     ax.set_xlabel("step")
-    ax.set_ylabel("−log q(x | y)")
+    same = compiled.validation_label.startswith(compiled.loss_label) or compiled.validation_label.endswith(
+        compiled.loss_label)
+    ax.set_ylabel(compiled.loss_label if same or not val else f"{compiled.loss_label} · {compiled.validation_label}")
     ax.legend(frameon=False)
     fig.tight_layout()
     return fig

@@ -526,13 +526,14 @@ PLANNING_THRESHOLD = 1 << 17
 
 
 def available_memory_bytes(device: jax.Device | None = None) -> int:
-    """Memory free for new arrays on ``device`` (default: the first device): the allocator's
-    limit minus what is in use on accelerators, free physical memory on CPUs.
+    """Memory free for new arrays on ``device`` (default: this process's first device; another
+    host's devices have no readable statistics): the allocator's limit minus what is in use on
+    accelerators, free physical memory on CPUs.
 
     Example:
         >>> available_memory_bytes() / 2**30   # GiB
     """
-    device = jax.devices()[0] if device is None else device
+    device = jax.local_devices()[0] if device is None else device
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))

@@ -22,6 +22,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -67,29 +68,91 @@ def _model_only(trainable):
     return (jax.tree.map(lambda _: False, params), jax.tree.map(lambda _: True, model_params))
 
 
+def warmup_cosine(count, num_steps, learning_rate, warmup_steps=-1):
+    """The default learning rate of update number ``count`` (0-based): linear warm-up to
+    ``learning_rate`` over ``warmup_steps`` updates (``-1``: ``min(200, num_steps // 10)``, at least
+    1), then cosine decay that reaches 5% of the peak exactly at the last update, ``num_steps - 1``
+    (and stays there). ``num_steps <= 0``: no horizon, the peak rate after warm-up (default 100).
+    In float32, with ``jnp`` when any argument is a JAX array (traced ones too, so a horizon held in
+    the optimizer state can change without recompiling), else with NumPy (cheap on the host).
+
+    Example:
+        >>> warmup_cosine(999, 1000, 1e-3)   # the last of 1000 steps: 5% of the peak, 5e-05
+    """
+    xp = jnp if any(isinstance(a, jax.Array) for a in (count, num_steps, learning_rate, warmup_steps)) else np
+    f32 = xp.float32
+    count, n, peak = (xp.asarray(a, f32) for a in (count, num_steps, learning_rate))
+    auto = xp.where(n > 0, xp.clip(xp.floor(n / f32(10)), 1, 200), f32(100)).astype(f32)
+    given = xp.asarray(warmup_steps, f32)
+    warmup = xp.where(given < 0, auto, xp.maximum(given, f32(1)))
+    warm = peak * xp.minimum(f32(1), (count + 1) / warmup)
+    # From the peak at update warmup - 1 down to the end value at update n - 1.
+    progress = xp.clip((count - warmup + 1) / xp.maximum(n - warmup, f32(1)), f32(0), f32(1))
+    end = f32(0.05) * peak
+    decayed = end + (peak - end) * f32(0.5) * (1 + xp.cos(f32(np.pi) * progress))
+    return xp.where((count < warmup) | (n <= 0), warm, decayed)
+
+
+def _scheduled_adamw(learning_rate, num_steps, warmup_steps, clip_norm, weight_decay, mask):
+    def schedule(count):
+        return warmup_cosine(count, num_steps, learning_rate, warmup_steps)
+
+    return optax.chain(optax.clip_by_global_norm(clip_norm),
+                       optax.adamw(schedule, weight_decay=weight_decay, mask=mask))
+
+
 def default_optimizer(num_steps: int, learning_rate: float = 3e-3, warmup_steps: int | None = None,
                       clip_norm: float = 1.0, weight_decay: float = 1e-4,
                       decay_model_params: bool = False) -> optax.GradientTransformation:
-    """AdamW with linear warm-up and cosine decay to 5% of the peak over ``num_steps``.
+    """AdamW with linear warm-up and cosine decay to 5% of the peak at step ``num_steps``
+    (:func:`warmup_cosine`).
 
     ``num_steps=0`` (no planned horizon) keeps the peak rate after warm-up. Weight decay applies
     to the network's parameters only, unless ``decay_model_params=True`` (the model's own
-    ``numpyro.param`` values are estimates, not weights to shrink).
+    ``numpyro.param`` values are estimates, not weights to shrink). The horizon, peak rate and
+    warm-up are hyperparameters in the optimizer state (``optax.inject_hyperparams``):
+    :func:`set_num_steps` refits the schedule to another horizon without recompiling the step.
 
     Example:
         >>> optimizer = default_optimizer(num_steps=3000, learning_rate=1e-3)
     """
     decay_mask = None if decay_model_params else _network_only
-    if num_steps <= 0:
-        warmup = 100 if warmup_steps is None else warmup_steps
-        schedule = optax.linear_schedule(0.0, learning_rate, max(warmup, 1))
-    else:
-        warmup = min(200, max(num_steps // 10, 1)) if warmup_steps is None else warmup_steps
-        schedule = optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=learning_rate, warmup_steps=warmup,
-            decay_steps=max(num_steps, warmup + 1), end_value=0.05 * learning_rate)
-    return optax.chain(optax.clip_by_global_norm(clip_norm),
-                       optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask))
+    return optax.inject_hyperparams(_scheduled_adamw, static_args=("clip_norm", "weight_decay", "mask"))(
+        # Strongly typed, so that a value set later (set_num_steps) has the same type: no recompilation.
+        learning_rate=jnp.asarray(learning_rate, jnp.float32), num_steps=jnp.asarray(num_steps, jnp.int32),
+        warmup_steps=jnp.asarray(-1 if warmup_steps is None else warmup_steps, jnp.int32),
+        clip_norm=clip_norm, weight_decay=weight_decay, mask=decay_mask)
+
+
+def schedule_hyperparams(opt_state) -> dict | None:
+    """``{"learning_rate", "num_steps", "warmup_steps"}`` of a :func:`default_optimizer` state (also
+    inside :func:`guard`), as Python numbers; None for an optimizer without them (a custom one).
+
+    Example:
+        >>> schedule_hyperparams(state.opt_state)["num_steps"]
+        2000
+    """
+    values = {name: optax.tree_utils.tree_get(opt_state, name) for name in ("learning_rate", "num_steps",
+                                                                              "warmup_steps")}
+    if any(v is None for v in values.values()):
+        return None
+    return {name: (float if name == "learning_rate" else int)(jax.device_get(v)) for name, v in values.items()}
+
+
+def set_num_steps(opt_state, num_steps: int):
+    """The :func:`default_optimizer` state ``opt_state`` with its schedule fitted to ``num_steps``
+    updates in all (counted from the first): same shapes and dtypes, so the jitted step does not
+    recompile (on a device mesh, replicate the result again). A :class:`JaxicError` for a state
+    without that hyperparameter.
+
+    Example:
+        >>> state = state._replace(opt_state=set_num_steps(state.opt_state, 5000))
+    """
+    old = optax.tree_utils.tree_get(opt_state, "num_steps")
+    if old is None:
+        raise JaxicError("set_num_steps needs the state of jaxic.training.default_optimizer (a custom optimizer "
+                         "has no schedule horizon to refit); build the optimizer with default_optimizer.")
+    return optax.tree_utils.tree_set(opt_state, num_steps=jnp.asarray(int(num_steps), old.dtype))
 
 
 def guard(optimizer: optax.GradientTransformation, trains_model: bool = True) -> optax.GradientTransformation:
@@ -236,6 +299,29 @@ def build_step(graphdef, objective: Objective | str, optimizer: optax.GradientTr
         return _update(optimizer, state, loss, grads, key, metrics, objective.trains_model)
 
     return step
+
+
+def build_evaluation(graphdef, objective: Objective | str, batch_size: int, model: Callable,
+                     param_constraints: dict | None = None, *, plate=None) -> Callable[..., jax.Array]:
+    """``objective``'s loss at the state as it is now, with a key given from outside:
+    ``evaluate(state, key, data=None) -> loss``. Pure (jit it); nothing is trained. With a fixed
+    key, successive values differ only through the parameters, so they are comparable over
+    training; the model's current parameters are used, so what is measured moves with the model.
+
+    Example:
+        >>> evaluate = jax.jit(build_evaluation(graphdef, elbo(), 1024, model, constraints, plate=plate))
+        >>> negative_elbo = evaluate(state, jax.random.key(7), data)
+    """
+    objective = resolve(objective)
+    constraints = dict(param_constraints or {})
+
+    def evaluate(state: TrainState, key: jax.Array, data=None) -> jax.Array:
+        network = nnx.merge(graphdef, state.params, state.statistics)
+        loss, _ = objective.loss(network, ParameterisedModel(model, state.model_params, constraints), key,
+                                 batch_size, data, plate=plate)
+        return loss
+
+    return evaluate
 
 
 def _loss_and_metrics(out) -> tuple[jax.Array, dict]:

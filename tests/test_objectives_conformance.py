@@ -88,7 +88,7 @@ def test_objective_conforms(compiled, objective):
 
 
 def second_update(optimizer, grads, params):
-    """The optimizer's second update (the first has a zero learning rate: warm-up starts at 0)."""
+    """The optimizer's second update (after one step of warm-up)."""
     state = optimizer.init(params)
     _, state = optimizer.update(grads, state, params)
     return optimizer.update(grads, state, params)[0]

@@ -119,20 +119,24 @@ TWO_HOSTS = textwrap.dedent('''
                              num_steps=0, batch_size=8, validation_size=16, progress=False, devices="all",
                              network=jaxic.TransformerConfig(d_model=16, num_layers=1, num_heads=2, num_components=2))
     post = compiled.posterior(jax.random.key(1), {"obs": jnp.array([25.0, 4.0])}, num_samples=64)
+    compiled.checkpoint_to(sys.argv[4], every=2)  # every process saves; the primary writes
     compiled.train(3, progress=False)
+    compiled.save(sys.argv[3])
     print("RESULT", repr(compiled.history["loss"]), repr(np.asarray(post.log_weights).tolist()))
 ''')
 
 
 @pytest.mark.skipif(not os.environ.get("JAXIC_TEST_MULTIHOST"),
                     reason="about a minute on 2 cores; set JAXIC_TEST_MULTIHOST=1 to run")
-def test_two_hosts_match_one_device():
+def test_two_hosts_match_one_device(tmp_path):
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         address = f"localhost:{probe.getsockname()[1]}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"}
-    hosts = [subprocess.Popen([sys.executable, "-c", TWO_HOSTS, address, str(i)], env=env, text=True,
+    saved, periodic = tmp_path / "saved", tmp_path / "periodic"
+    hosts = [subprocess.Popen([sys.executable, "-c", TWO_HOSTS, address, str(i), str(saved), str(periodic)], env=env,
+                              text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
     outputs = [host.communicate(timeout=600) for host in hosts]
     results = []
@@ -150,6 +154,12 @@ def test_two_hosts_match_one_device():
     np.testing.assert_allclose(results[0][1], np.asarray(post.log_weights), rtol=1e-5, atol=1e-3)
     single.train(3, progress=False)
     np.testing.assert_allclose(results[0][0], single.history["loss"], rtol=1e-5)
+    # Both processes called save (orbax's barrier): one checkpoint, written once, loadable here.
+    loaded = jaxic.load(saved, pedagogical, model_kwargs={"M": 2})
+    assert loaded.step == 3 and loaded.history["loss"] == results[0][0]
+    assert sorted(os.listdir(periodic)) == ["3", "jaxic.json"]  # one chunk of 3 steps, saved at its end
+    resumed = jaxic.load(periodic, pedagogical, model_kwargs={"M": 2})
+    jax.tree.map(np.testing.assert_array_equal, resumed.state.params, loaded.state.params)
 
 
 @pytest.mark.slow

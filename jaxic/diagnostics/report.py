@@ -22,14 +22,18 @@ def held_out_loss(compiled, key: jax.Array | None = None, num_traces: int = 1024
     """Mean ``-log q(x | y)`` over held-out joint samples (lower is better).
 
     Without ``key``: the fixed validation set drawn at compile time (as
-    :meth:`~jaxic.CompiledModel.validation_loss`). With ``key``: ``num_traces`` fresh
-    joint samples, which the proposal has never seen even on the dataset path.
+    :meth:`~jaxic.CompiledModel.validation_loss`); for objectives that train the model (whose
+    validation loss is a negative ELBO), ``num_traces`` joint samples of the current model drawn
+    with the compile-time validation key. With ``key``: ``num_traces`` fresh joint samples, which
+    the proposal has never seen even on the dataset path.
 
     Example:
         >>> held_out_loss(compiled), held_out_loss(compiled, jax.random.key(7), num_traces=4096)
     """
     if key is None:
-        return compiled.validation_loss()
+        if not compiled.objective.needs_data:
+            return compiled.validation_loss()
+        key = compiled.validation_key  # the model moves: draw from it as it is now
     proposal = compiled.proposal
     tokens, observations = joint_draws(proposal, key, int(num_traces))
     return float(_held_out_loss(proposal, tokens, observations))
