@@ -103,6 +103,7 @@ def test_masked_deterministic_sites_are_weighted_like_latents(compiled):
     np.testing.assert_array_equal(raw["mu"], raw["x"] + 2.0 * raw["b"])
 
 
+@pytest.mark.slow
 def test_universal_deterministic_sites_per_particle(universal):
     proposal, post = universal
     assert [d.name for d in proposal.spec.deterministic] == ["count", "extra"]
@@ -177,6 +178,7 @@ def test_compiled_predictive_matches_the_exact_mixture(compiled):
     np.testing.assert_allclose(draws["obs"].var(-1), var + 1.0, rtol=0.1)
 
 
+@pytest.mark.slow
 def test_predictive_on_the_universal_path_recomputes_deterministic_sites(universal):
     _, post = universal
     with pytest.warns(UserWarning, match=r"site 'extra' did not run in \d+ of 40"):

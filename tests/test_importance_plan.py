@@ -150,7 +150,12 @@ EXPECTED_PLAN = {
 }
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+# The fast tier keeps one model of each kind (static, masked by a draw, scan); the rest run in the whole suite.
+FAST_CASES = {"pedagogical", "poisson_branch", "hmm"}
+
+
+@pytest.fixture(scope="module", params=[name if name in FAST_CASES else pytest.param(name, marks=pytest.mark.slow)
+                                        for name in CASES])
 def case(request):
     model, observed, kwargs, observations = CASES[request.param]
     return request.param, proposal_for(model, observed, **kwargs), observations
@@ -174,6 +179,7 @@ def test_particles_match_the_former_sampler(case):
     assert_same_particles(new, old, proposal.spec)
 
 
+@pytest.mark.slow
 def test_chunked_particles_match_one_call():
     proposal = proposal_for(random_objects, ["obs", "count_signal"])
     observations = {"obs": 3.0, "count_signal": 2.2}
@@ -226,6 +232,7 @@ def sampler_jaxpr(sampler, model, M):
         proposal, jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_model_without_dynamic_sites_runs_a_fixed_number_of_times():
     new = [runs_per_call(sampler_jaxpr(sample_particles, pedagogical, M)) for M in (2, 12)]
     old = [runs_per_call(sampler_jaxpr(reference_particles, pedagogical, M)) for M in (2, 12)]
@@ -283,6 +290,7 @@ def conds_in_scans(jaxpr, in_scan=False) -> int:
     return found
 
 
+@pytest.mark.slow
 def test_the_model_runs_in_a_branch_not_a_select_under_vmap():
     def sampler_conds(model, observed, observations):
         proposal = proposal_for(model, observed)
