@@ -342,13 +342,15 @@ class CompiledModel:
         num_samples = checks.positive_int("num_samples", num_samples)
         observations = self.checked_observations(observations)
         if self.spec.dynamic:  # the model is Python: nothing to jit around it
-            return core.importance_sample(self.proposal, None, key, observations, num_samples)
-        if self.mesh is not None:
-            parallel.check_divisible(num_samples, self.mesh, "num_samples")
-            key, observations = parallel.replicate((key, observations), self.mesh)
-        chunk = core.plan_particle_chunks(self.template, observations, num_samples)
-        return self.sampler(self.proposal, None, key, observations, num_samples, sharding=self.sharding,
-                            chunk_size=chunk)
+            post = core.importance_sample(self.proposal, None, key, observations, num_samples)
+        else:
+            if self.mesh is not None:
+                parallel.check_divisible(num_samples, self.mesh, "num_samples")
+                key, observations = parallel.replicate((key, observations), self.mesh)
+            chunk = core.plan_particle_chunks(self.template, observations, num_samples)
+            post = self.sampler(self.proposal, None, key, observations, num_samples, sharding=self.sharding,
+                                chunk_size=chunk)
+        return post.knowing_model(self.predictive_from)  # post.predictive(key, n) runs this model
 
     def sample(self, key: jax.Array, observations: Mapping[str, Any], num_samples: int = 1000) -> dict[str, jax.Array]:
         """Raw proposal draws ``x ~ q(x | y)`` (no weights), batched like :meth:`posterior`.
@@ -368,13 +370,21 @@ class CompiledModel:
         """
         post_key, draw_key = jax.random.split(checks.prng_key("key", key))
         post = self.posterior(post_key, observations, num_samples if num_particles is None else num_particles)
+        return self.predictive_from(post, draw_key, num_samples)
+
+    def predictive_from(self, post: Posterior, key: jax.Array, num_samples: int = 1000) -> dict[str, jax.Array]:
+        """Posterior predictive draws from a posterior of this model (what ``post.predictive`` runs).
+
+        Example:
+            >>> compiled.predictive_from(post, jax.random.key(2), 500)["obs"].shape
+        """
         if self.plate is None:
-            return predictive(self.bound_model, post, draw_key, num_samples)
+            return predictive(self.bound_model, post, key, num_samples)
         axis = len(post.batch_shape) + 1  # the element model keeps its plate axis (length one)
         post = dataclasses.replace(post, samples={s.name: jnp.expand_dims(post.samples[s.name], axis)
                                                   for s in self.spec.latents})
         return {k: v.squeeze(axis) if v.ndim > axis and v.shape[axis] == 1 else v
-                for k, v in predictive(self.bound_model, post, draw_key, num_samples).items()}
+                for k, v in predictive(self.bound_model, post, key, num_samples).items()}
 
     def log_prob(self, latents: Mapping[str, Any], observations: Mapping[str, Any]) -> jax.Array:
         """``log q(latents | observations)`` under the proposal, one value per latent set

@@ -12,6 +12,7 @@ import pytest
 
 import jaxic
 from jaxic import proposal as core
+from jaxic.errors import JaxicError
 from jaxic.networks import TransformerConfig
 from jaxic.tracing import DeterministicSite, TraceSpec, derive_trace_spec, stack_deterministic
 from jaxic.tracing.universal import derive_universal_spec
@@ -165,13 +166,20 @@ def test_predictive_of_a_new_observation_is_the_analytic_one():
     np.testing.assert_allclose(draws["obs"].var(-1), 0.8 + 1.0, rtol=0.05)
     np.testing.assert_allclose(draws["twice"].mean(-1), 1.6 * ys, atol=0.06)
     # The method form, with the model's arguments: the same draws (same key), shifted.
-    method = post.predictive(conjugate, jax.random.key(6), num_samples=20_000, model_kwargs={"shift": 10.0})
+    method = post.predictive(jax.random.key(6), num_samples=20_000, model=conjugate, model_kwargs={"shift": 10.0})
     np.testing.assert_allclose(method["twice"], draws["twice"] + 10.0, rtol=1e-6)
+    # A posterior made by hand does not know its model: the error says what to pass.
+    with pytest.raises(JaxicError, match="model=model"):
+        post.predictive(jax.random.key(6), 10)
 
 
 def test_compiled_predictive_matches_the_exact_mixture(compiled):
     ys = np.array([1.5, -1.0])
     draws = compiled.predictive(jax.random.key(7), {"obs": jnp.asarray(ys)}, 4000)
+    # A posterior from compiled.posterior knows its model, also after indexing (the same draws as predictive_from).
+    post = compiled.posterior(jax.random.key(8), {"obs": jnp.asarray(ys)}, 500)
+    np.testing.assert_array_equal(post[1].predictive(jax.random.key(9), 30)["obs"],
+                                  compiled.predictive_from(post[1], jax.random.key(9), 30)["obs"])
     assert set(draws) == {"obs", "mu"} and draws["obs"].shape == (2, 4000)
     _, mean, var = shifted_exact(ys)
     np.testing.assert_allclose(draws["mu"].mean(-1), mean, atol=0.08)

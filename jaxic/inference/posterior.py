@@ -12,7 +12,7 @@ import numpy as np
 from jax.scipy.special import logsumexp
 
 from jaxic import validation
-from jaxic.errors import IndexOutOfRangeError, UnknownSiteError
+from jaxic.errors import IndexOutOfRangeError, JaxicError, UnknownSiteError
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -87,7 +87,9 @@ class Posterior:
             raise IndexOutOfRangeError(f"this posterior is for a single observation set; there is nothing to index "
                                        f"(got index {index!r}). Use it directly.")
         index = validation.index_in_range(index, self.batch_shape[0])  # jax would clamp silently
-        return jax.tree.map(lambda a: a[index], self)
+        part = jax.tree.map(lambda a: a[index], self)
+        known = self.__dict__.get("_predict")
+        return part if known is None else part.knowing_model(known)
 
     def _weights_for(self, name: str) -> tuple[jax.Array, jax.Array]:
         if name not in self.samples:
@@ -154,16 +156,37 @@ class Posterior:
 
         return {name: take(x) for name, x in self.samples.items()}
 
-    def predictive(self, model, key: jax.Array, num_samples: int = 1000, *, model_args: Sequence = (),
+    def predictive(self, key: jax.Array, num_samples: int = 1000, *, model=None, model_args: Sequence = (),
                    model_kwargs=None) -> dict[str, jax.Array]:
-        """Posterior predictive draws of ``model``'s observed and deterministic sites: see
-        :func:`jaxic.predictive` (the posterior does not hold its model, so pass it).
+        """Posterior predictive draws of the model's observed and deterministic sites (see
+        :func:`jaxic.predictive`), batched like this posterior. A posterior from
+        ``compiled.posterior`` knows its model; otherwise (``jaxic.importance_sample``, a result
+        of ``jit``) pass ``model=`` and, if it takes them, ``model_args``/``model_kwargs``.
 
         Example:
-            >>> post.predictive(model, jax.random.key(2), num_samples=1000)["obs"].shape   # (1000,)
+            >>> post = compiled.posterior(jax.random.key(1), {"obs": 25.0}, 10_000)
+            >>> post.predictive(jax.random.key(2), num_samples=1000)["obs"].shape   # (1000,)
         """
         from jaxic.inference.predictive import predictive  # it builds on this module
-        return predictive(model, self, key, num_samples, model_args=model_args, model_kwargs=model_kwargs)
+        if model is not None:
+            return predictive(model, self, key, num_samples, model_args=model_args, model_kwargs=model_kwargs)
+        known = self.__dict__.get("_predict")
+        if known is None:
+            raise JaxicError("this posterior does not know its model (it was not made by compiled.posterior, e.g. "
+                             "jaxic.importance_sample or a jitted function returned it): call "
+                             "post.predictive(key, num_samples, model=model) or jaxic.predictive(model, post, key, n).")
+        return known(self, key, num_samples)
+
+    def knowing_model(self, predict) -> "Posterior":
+        """This posterior with ``predict(posterior, key, num_samples)`` as its :meth:`predictive` (what
+        ``compiled.posterior`` attaches). Not a pytree leaf: ``jax.tree`` operations drop it.
+
+        Example:
+            >>> post = post.knowing_model(lambda p, k, n: jaxic.predictive(model, p, k, n))
+        """
+        known = dataclasses.replace(self)
+        object.__setattr__(known, "_predict", predict)
+        return known
 
     def summary(self, sites: Sequence[str] | None = None, max_elements: int = 6) -> str:
         """A printable table: mean, sd and 5/50/95% quantiles per site, with ESS and evidence."""
