@@ -113,3 +113,8 @@ def test_error_locations_carry_no_machine_folders(tmp_path, monkeypatch):
     assert location("lib/pkg/m.py") == "pkg/m.py" + line
     assert location("ipykernel_123/4567.py") == "<notebook cell>" + line
     assert location("elsewhere/m.py") == str(tmp_path / "elsewhere" / "m.py") + line
+    # A package imported through an editable install's finder (its root on no sys.path entry).
+    for package in ("editable/mypkg", "editable/mypkg/models"):
+        (tmp_path / package).mkdir(parents=True, exist_ok=True)
+        (tmp_path / package / "__init__.py").write_text("")
+    assert location("editable/mypkg/models/m.py") == "mypkg/models/m.py" + line

@@ -114,6 +114,13 @@ def _short_path(filename: str) -> str:
         base = os.path.realpath(base)
         if os.path.isdir(base) and path.startswith(base.rstrip(os.sep) + os.sep):
             return os.path.relpath(path, base)
+    # A package installed in editable mode is imported through a finder, not a sys.path entry:
+    # its root is the folder above the outermost package (folders with an __init__.py) holding the file.
+    root = os.path.dirname(path)
+    while os.path.isfile(os.path.join(root, "__init__.py")):
+        root = os.path.dirname(root)
+    if root != os.path.dirname(path):
+        return os.path.relpath(path, root)
     return filename
 
 
