@@ -1,8 +1,8 @@
 """Causal pre-norm transformer proposal (attention for inference compilation).
 
 Sequence: ``[obs_1 .. obs_P, BOS, c_1 .. c_T]`` where ``c_t`` is the content of
-latent token ``t`` (site embedding + value embedding). Observation tokens and BOS
-see each other; ``c_t`` sees the prefix and executed tokens ``c_s, s <= t``. The
+latent token ``t`` (site embedding + value embedding). Observation tokens see each
+other; BOS sees them; ``c_t`` sees the prefix and executed tokens ``c_s, s <= t``. The
 distribution of ``x_t`` is read from the output at the position just before
 ``c_t``, combined with a query embedding of site ``t``, so it depends on
 ``y`` and ``x_<t`` only. Skipped (masked) tokens are invisible to attention.
@@ -165,7 +165,9 @@ class TransformerProposal(ProposalNetworkBase):
         x = x.at[p : p + tokens.mask.shape[0]].set(reading)
         valid = jnp.concatenate([jnp.ones(p + 1, bool), tokens.mask])
         index = jnp.arange(x.shape[0])
-        mask = valid[None, :] & (index[None, :] <= jnp.maximum(index[:, None], p))
+        # Observation tokens see each other (not BOS, which carries the first site: decoding runs them
+        # before that site is known); BOS and the latent tokens see everything before them.
+        mask = valid[None, :] & (index[None, :] <= jnp.maximum(index[:, None], p - 1))
         for block in self.blocks:
             x, _, _ = block(x, mask)
         return x[p : p + tokens.mask.shape[0]]
