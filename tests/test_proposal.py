@@ -134,7 +134,8 @@ def test_chunks_of_particles_give_the_result_of_one_call(compiled):
     proposal = compiled.proposal
     whole = importance_sample(proposal, None, jax.random.key(4), {"obs": 9.0}, 96)
     chunked = importance_sample(proposal, None, jax.random.key(4), {"obs": 9.0}, 96, chunk_size=32)
-    np.testing.assert_allclose(chunked.log_weights, whole.log_weights, rtol=1e-5, atol=1e-4)
+    # float32 rounding of weights near -1e5 differs with the batch shape (seen at jax 0.9: 2.3e-5 relative).
+    np.testing.assert_allclose(chunked.log_weights, whole.log_weights, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(chunked.samples["y"], whole.samples["y"], rtol=1e-5, atol=1e-5)
 
 

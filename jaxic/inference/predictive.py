@@ -55,6 +55,8 @@ def predictive(model: Callable, posterior: Posterior, key: jax.Array, num_sample
     bound = functools.partial(model, *tuple(model_args), **dict(model_kwargs or {}))
     _check_weights(posterior)
     resample_key, model_key = jax.random.split(key)
+    # numpyro's Predictive takes raw uint32 keys in every supported version (0.19 fails on typed keys).
+    model_key = jax.random.key_data(model_key) if jnp.issubdtype(model_key.dtype, jax.dtypes.prng_key) else model_key
     batch_ndims = len(posterior.batch_shape) + 1
     index = resample_indices(resample_key, posterior.log_weights, num_samples)
     draws = {n: jnp.take_along_axis(v, index.reshape(index.shape + (1,) * (v.ndim - batch_ndims)), axis=batch_ndims - 1)
