@@ -1,0 +1,152 @@
+"""The sbibm task transcriptions (benchmarks/sbibm_tasks.py) against sbibm 1.1.0's stored files.
+
+Tests that read sbibm's files skip unless the cache of benchmarks/sbibm_reference.py is filled
+(``python -c "from benchmarks.sbibm_reference import reference_files; reference_files()"``);
+they never download.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytest.importorskip("diffrax")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from benchmarks import sbibm_reference as ref  # noqa: E402
+from benchmarks.sbibm_tasks import (TASKS, TwoMoonsLikelihood, bernoulli_glm_design,  # noqa: E402
+                                    bernoulli_glm_summary, log_likelihood, simulate, sir_infected_fraction)
+from jaxic import derive_trace_spec  # noqa: E402
+from jaxic.errors import IndexOutOfRangeError, JaxicError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cache():
+    try:
+        return ref.reference_files(download=False)
+    except FileNotFoundError as exc:
+        pytest.skip(f"sbibm {ref.SBIBM_VERSION} files are not cached ({exc})")
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_registry_shapes_and_jaxic_spec(name):
+    task = TASKS[name]
+    assert task.name == name
+    spec = derive_trace_spec(task.model, ["obs"])
+    (site,) = spec.latents
+    assert (site.name, site.event_shape) == ("theta", (task.theta_dim,))
+    assert spec.observed[0].shape == (task.obs_dim,)
+    assert task.prior_sample(jax.random.key(0), 3).shape == (3, task.theta_dim)
+
+
+def test_missing_cache_names_the_path_and_pip_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"pip download sbibm==1\.1\.0 --no-deps") as info:
+        ref.observation("two_moons", 1, cache_dir=tmp_path)
+    assert str(tmp_path / "sbibm-1.1.0") in str(info.value)
+
+
+def test_bad_task_and_observation_number(cache):
+    with pytest.raises(JaxicError, match="no task 'two_moon'.*'two_moons'"):
+        ref.observation("two_moon", 1)
+    with pytest.raises(IndexOutOfRangeError, match="k=11 .*'sir'.*1..10"):
+        ref.true_parameters("sir", 11)
+    with pytest.raises(JaxicError, match="got 1.0 of type float"):
+        ref.reference_posterior("sir", 1.0)
+
+
+def test_loader_shapes(cache):
+    for name, task in TASKS.items():
+        assert ref.observation(name, 1).shape == (task.obs_dim,)
+        assert ref.true_parameters(name, 1).shape == (task.theta_dim,)
+    assert ref.reference_posterior("two_moons", 1).shape == (10000, 2)
+    np.testing.assert_array_equal(ref.true_parameters("two_moons", 1), np.float32([-0.8176656, -0.5756806]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact checks
+
+
+def test_gaussian_linear_uniform_reference_is_truncated_normal_with_variance_0_1(cache):
+    obs = ref.observation("gaussian_linear_uniform", 1)
+    draws = ref.reference_posterior("gaussian_linear_uniform", 1)
+    sd = math.sqrt(0.1)
+    truncated = stats.truncnorm((-1.0 - obs) / sd, (1.0 - obs) / sd, loc=obs, scale=sd)
+    # 10,000 draws: the standard error of a mean is below 0.0032; 5 of them bound every dimension.
+    np.testing.assert_allclose(draws.mean(0), truncated.mean(), atol=0.016)
+    np.testing.assert_allclose(draws.std(0), truncated.std(), atol=0.012)
+    expected = stats.norm(draws[:50], sd).logpdf(obs).sum(-1)
+    np.testing.assert_allclose(log_likelihood(TASKS["gaussian_linear_uniform"], draws[:50], obs), expected,
+                               rtol=1e-5)
+
+
+def test_bernoulli_glm_design_reproduces_sbibm(cache):
+    # sbibm's design_matrix.pt (legacy torch format) ends with the raw float32 storage of the matrix.
+    stored = (cache / "sbibm" / "tasks" / "bernoulli_glm" / "files" / "design_matrix.pt").read_bytes()
+    np.testing.assert_array_equal(np.frombuffer(stored[-4000:], dtype="<f4").reshape(100, 10),
+                                  bernoulli_glm_design())
+    # Its 10-dimensional summary is X^T y of the raw spikes, for every stored observation.
+    for k in range(1, 11):
+        np.testing.assert_allclose(bernoulli_glm_summary(ref.observation("bernoulli_glm_raw", k)),
+                                   ref.observation("bernoulli_glm", k), atol=2e-4)
+
+
+def test_two_moons_density_normalises_and_matches_simulator():
+    theta = jnp.array([0.3, -0.6])
+    likelihood = TwoMoonsLikelihood(theta)
+    centre = np.asarray(likelihood.sample(jax.random.key(0), (20000,))).mean(0)
+    step = 5e-4
+    grid = np.arange(-0.2, 0.2, step)
+    xs, ys = np.meshgrid(centre[0] + grid, centre[1] + grid, indexing="ij")
+    points = jnp.asarray(np.stack([xs, ys], -1).reshape(-1, 2))
+    mass = float(jnp.exp(likelihood.log_prob(points)).sum()) * step**2
+    assert abs(mass - 1.0) < 0.01
+    # The density's mean equals the simulator's mean.
+    density_mean = (np.asarray(jnp.exp(likelihood.log_prob(points)))[:, None] * np.asarray(points)).sum(0) * step**2
+    np.testing.assert_allclose(density_mean, centre, atol=2e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Simulators at sbibm's true parameters
+
+
+def test_two_moons_observation_within_simulator_spread(cache):
+    task = TASKS["two_moons"]
+    theta = ref.true_parameters("two_moons", 1)
+    obs = ref.observation("two_moons", 1)
+    sims = simulate(task, jax.random.key(1), jnp.broadcast_to(theta, (2000, 2)))
+    sim_log = np.asarray(log_likelihood(task, theta, sims))  # one theta, 2000 observations (broadcast)
+    obs_log = float(log_likelihood(task, theta, obs))
+    assert np.isfinite(obs_log)
+    assert obs_log > np.percentile(sim_log, 5)
+    # Every reference posterior draw can produce the observation (u > 0 on the moon).
+    assert np.isfinite(np.asarray(log_likelihood(task, ref.reference_posterior("two_moons", 1)[:500], obs))).all()
+
+
+@pytest.mark.parametrize("name", ["sir", "lotka_volterra", "bernoulli_glm_raw"])
+def test_true_parameters_explain_observation(cache, name):
+    task = TASKS[name]
+    obs = ref.observation(name, 1)
+    # One batch (one compilation of the ODE solve): theta_true, 200 prior draws, 300 posterior draws.
+    thetas = np.concatenate([ref.true_parameters(name, 1)[None], task.prior_sample(jax.random.key(2), 200),
+                             ref.reference_posterior(name, 1)[:300]])
+    logs = np.asarray(log_likelihood(task, thetas, obs))
+    at_true, at_prior, at_posterior = logs[0], logs[1:201], logs[201:]
+    assert at_true > np.percentile(at_prior, 90), (at_true, np.percentile(at_prior, [50, 90, 100]))
+    # sbibm drew theta_true from the prior and obs from the simulator, so theta_true is a draw from the
+    # posterior: its log-likelihood must look like the reference posterior draws' (a wrong time grid,
+    # noise level or design puts it, and them, thousands of nats away).
+    assert np.percentile(at_posterior, 1) < at_true < at_posterior.max() + 5.0
+    assert np.median(at_posterior) > np.percentile(at_prior, 99)
+
+
+def test_sir_initial_fraction_and_grid():
+    fraction = np.asarray(sir_infected_fraction(jnp.array([0.4, 0.125])))
+    assert fraction.shape == (10,)
+    np.testing.assert_allclose(fraction[0], 1e-6, rtol=1e-6)
+    # beta/gamma = 3.2 > 1: an outbreak that peaks and fades within 153 days.
+    assert fraction.max() > 0.1 and fraction[-1] < fraction.max() / 10
