@@ -23,11 +23,9 @@ log weights of the two agree to the last bit (same keys), and (``--hlo``) the nu
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path

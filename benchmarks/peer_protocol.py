@@ -14,7 +14,8 @@ For every M and training seed, with jaxic's defaults:
   **gap closed** = (prior loss - jaxic's) / (prior loss - exact posterior's);
 * **ESS/N** of ``--particles`` importance particles at obs = 25, **IS particles/s** (the jitted
   sampler after compilation, median of ``--repeats`` calls) and **effective samples/s** = their product;
-* **on ring**: share of raw proposal draws with ``|sqrt(x**2 + y**2) - 5| < 0.25``.
+* **ESS/N defensive a**: the same, with ``importance_sample(..., defensive=a)`` (``--defensive``);
+* **raw draws on ring**: share of raw proposal draws (``compiled.sample``) with ``|sqrt(x**2 + y**2) - 5| < 0.25``.
 
 The table (per run, then mean and worst seed per M) goes to stdout and to the section
 ``## Peer protocol: pedagogical model, time budget incl. compilation (benchmarks/peer_protocol.py)``
@@ -26,7 +27,6 @@ of ``benchmarks/RESULTS.md``.
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -35,7 +35,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.scipy.stats import norm
 from numpyro.infer import Predictive
 
@@ -45,7 +44,7 @@ from jaxic.models import pedagogical
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from results_io import environment_lines, publish  # noqa: E402
+from results_io import benchmark_parser, environment_lines, publish  # noqa: E402
 
 HEADING = "## Peer protocol: pedagogical model, time budget incl. compilation (benchmarks/peer_protocol.py)"
 PRIOR_SD, NOISE, RING_OBS = 10.0, 0.1, 25.0
@@ -86,7 +85,11 @@ def run_one(M: int, seed: int, args) -> dict:
     prior_loss = float(-jnp.mean(prior_log_density(latents)))
     exact_loss = float(-jnp.mean(exact_log_posterior(latents, obs)))
 
-    sampler = jax.jit(lambda p, k: jaxic.proposal.importance_sample(p, None, k, {"obs": RING_OBS}, args.particles))
+    def sampler_for(defensive):
+        return jax.jit(lambda p, k: jaxic.proposal.importance_sample(p, None, k, {"obs": RING_OBS}, args.particles,
+                                                                     defensive=defensive))
+
+    sampler = sampler_for(0.0)
     post = jax.block_until_ready(sampler(proposal, jax.random.key(1)))  # compiles
     times = []
     for r in range(args.repeats):
@@ -95,43 +98,52 @@ def run_one(M: int, seed: int, args) -> dict:
         times.append(time.perf_counter() - t)
     rate = args.particles / statistics.median(times)
     ess_fraction = float(post.ess) / args.particles
-    radius = jnp.sqrt(post.samples["x"] ** 2 + post.samples["y"] ** 2)
+    # The same trained proposal with a defensive mixture (same keys), for the robustness comparison.
+    defended = {d: float(sampler_for(d)(proposal, jax.random.key(100 + args.repeats - 1)).ess) / args.particles
+                for d in args.defensive}
+    raw = compiled.sample(jax.random.key(7), {"obs": RING_OBS}, args.particles)
+    radius = jnp.sqrt(raw["x"] ** 2 + raw["y"] ** 2)
     return {"M": M, "seed": seed, "steps": compiled.step, "build_s": built, "wall_s": wall,
             "test_loss": test_loss, "prior_loss": prior_loss, "exact_loss": exact_loss,
             "gap_closed": (prior_loss - test_loss) / (prior_loss - exact_loss),
             "ess_fraction": ess_fraction, "particles_per_s": rate, "effective_per_s": rate * ess_fraction,
-            "on_ring": float(jnp.mean(jnp.abs(radius - math.sqrt(RING_OBS)) < 0.25))}
+            "defended": defended, "on_ring": float(jnp.mean(jnp.abs(radius - math.sqrt(RING_OBS)) < 0.25))}
 
 
 def table(runs: list[dict]) -> list[str]:
+    shares = sorted({d for r in runs for d in r["defended"]})
     lines = ["| M | seed | steps | wall s | test loss (prior / exact) | gap closed | ESS/N | IS particles/s | "
-             "effective samples/s | on ring |", "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "effective samples/s | " + "".join(f"ESS/N defensive {d:g} | " for d in shares) + "raw draws on ring |",
+             "|---:|---:|---:|---:|---|---:|---:|---:|---:|" + "---:|" * len(shares) + "---:|"]
     for r in runs:
         lines.append(f"| {r['M']} | {r['seed']} | {r['steps']:,} | {r['wall_s']:.0f} | {r['test_loss']:.2f} "
                      f"({r['prior_loss']:.2f} / {r['exact_loss']:.2f}) | {r['gap_closed']:.3f} | "
                      f"{r['ess_fraction']:.3f} | {r['particles_per_s']:,.0f} | {r['effective_per_s']:,.0f} | "
-                     f"{r['on_ring']:.2f} |")
+                     + "".join(f"{r['defended'][d]:.3f} | " for d in shares) + f"{r['on_ring']:.2f} |")
     lines += ["", "Mean and worst seed per M (worst: lowest gap closed, ESS/N, effective samples/s):", "",
-              "| M | seeds | gap closed mean / worst | ESS/N mean / worst | effective samples/s mean / worst |",
-              "|---:|---:|---|---|---|"]
+              "| M | seeds | gap closed mean / worst | ESS/N mean / worst | effective samples/s mean / worst | "
+              + "".join(f"ESS/N defensive {d:g} mean / worst | " for d in shares),
+              "|---:|---:|---|---|---|" + "---|" * len(shares)]
     for M in sorted({r["M"] for r in runs}):
         rs = [r for r in runs if r["M"] == M]
         cell = lambda key, fmt: f"{fmt.format(statistics.mean(r[key] for r in rs))} / {fmt.format(min(r[key] for r in rs))}"
         lines.append(f"| {M} | {len(rs)} | {cell('gap_closed', '{:.3f}')} | {cell('ess_fraction', '{:.3f}')} | "
-                     f"{cell('effective_per_s', '{:,.0f}')} |")
+                     f"{cell('effective_per_s', '{:,.0f}')} | "
+                     + "".join(f"{statistics.mean(r['defended'][d] for r in rs):.3f} / {min(r['defended'][d] for r in rs):.3f} | "
+                               for d in shares))
     return lines
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, HERE / "RESULTS.md")
     parser.add_argument("--M", type=int, nargs="+", default=[2, 20, 50])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (compile keys)")
     parser.add_argument("--seconds", type=float, default=180.0, help="budget per run, compilation included")
     parser.add_argument("--particles", type=int, default=10_000)
     parser.add_argument("--heldout", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
-    parser.add_argument("--no-write", action="store_true", help="only print")
+    parser.add_argument("--defensive", type=float, nargs="*", default=[0.05, 0.1],
+                        help="also report ESS/N with these defensive shares (same proposal, same keys)")
     return parser.parse_args(argv)
 
 

@@ -76,6 +76,16 @@ def write_section(path: Path, heading: str, body: list[str]) -> None:
     path.write_text(replace_section(text, heading, body))
 
 
+def benchmark_parser(doc: str, output: Path):
+    """An argument parser described by the first paragraph of a script's ``doc``, with the options every
+    benchmark shares: ``--output`` (the results file, default ``output``) and ``--no-write`` (only print)."""
+    import argparse
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, default=output)
+    parser.add_argument("--no-write", action="store_true", help="only print")
+    return parser
+
+
 def publish(path: Path, heading: str, body: list[str], write: bool = True) -> None:
     """Print ``body`` and, if ``write``, put it under ``heading`` in ``path`` (see :func:`write_section`)."""
     print("\n".join(body))

@@ -87,7 +87,8 @@ class CompiledModel:
         # Read once: observations are checked against them on the host, before anything compiles.
         self.observed_supports = checks.observed_supports(proposal.model, [o.name for o in proposal.spec.observed])
         # Replicated results stay readable on every host of a multi-host mesh.
-        self.sampler = jax.jit(core.importance_sample, static_argnums=(1, 4), static_argnames=("sharding", "chunk_size"),
+        self.sampler = jax.jit(core.importance_sample, static_argnums=(1, 4),
+                               static_argnames=("sharding", "chunk_size", "defensive", "defensive_scale"),
                                **({} if mesh is None else {"out_shardings": parallel.replicated(mesh)}))
 
     @property
@@ -170,9 +171,11 @@ class CompiledModel:
 
         ``seconds`` with the default optimizer: the first chunk is compiled and one chunk timed (its
         result discarded), then the number of steps left in the budget is fixed and the
-        learning-rate schedule refitted to end (at 5% of the peak) exactly at the last of them;
-        those steps are then all taken, so the run ends close to, not exactly at, ``seconds``. With
-        a custom optimizer the budget just stops training.
+        learning-rate schedule refitted to end (at 5% of the peak) exactly at the last of them. After
+        each chunk the steps left are re-estimated from the speed of the last chunks and, when the
+        estimate moves by more than a chunk or 2%, the schedule is refitted again (nothing recompiles),
+        so the run ends close to ``seconds`` with the rate at its floor. With a custom optimizer the
+        budget just stops training.
 
         ``patience``: stop after that many validations in a row without a new best validation loss,
         and at the end put back the parameters of the best validated step (``best_step``,
@@ -208,10 +211,12 @@ class CompiledModel:
         with bar, contextlib.ExitStack() as stack:
             saver = None if self.checkpoint_dir is None else stack.enter_context(
                 checkpoint.PeriodicCheckpointer(self.checkpoint_dir, self.max_to_keep))
+            budget = None
             if seconds is not None and not cfg.custom_optimizer:
+                budget = (time.monotonic() + seconds, num_steps)  # the deadline, and the cap on steps if any
                 num_steps, seconds = self._fit_schedule(num_steps, seconds, validate), None
                 bar.reset(total=num_steps)
-            self._train_chunks(num_steps, seconds, validate, bar, saver, patience, callbacks)
+            self._train_chunks(num_steps, seconds, validate, bar, saver, patience, callbacks, budget)
         return self
 
     def _fit_schedule(self, num_steps: int | None, seconds: float, validate: bool) -> int:
@@ -235,20 +240,27 @@ class CompiledModel:
             warnings.warn(f"the budget of seconds={seconds:g} was spent compiling and timing "
                           f"({time.monotonic() - start:.1f} s): no steps taken. Give more seconds.", stacklevel=3)
             return 0
-        horizon = self.step + fitted
+        self._set_horizon(self.step + fitted, validation_steps=fitted if self.step == 0 else None)
+        return fitted
+
+    def _set_horizon(self, horizon: int, validation_steps: int | None = None) -> None:
+        """End the learning-rate schedule at step ``horizon`` (a hyperparameter: nothing recompiles);
+        ``validation_steps``: validate about 20 times over that many steps."""
+        cfg = self.train_config
         opt_state = training.set_num_steps(self.state.opt_state, horizon)
         if self.mesh is not None:
             opt_state = parallel.replicate(opt_state, self.mesh)
         with _interrupts_deferred():
             self.state = self.state._replace(opt_state=opt_state)
             changes = {"num_steps": horizon}
-            if self.step == 0:  # a fresh run validates about 20 times, as compile(num_steps=...) does
-                changes["validation_every"] = max(cfg.steps_per_call, fitted // 20)
+            if validation_steps is not None:  # a fresh run validates about 20 times, as compile(num_steps=...) does
+                changes["validation_every"] = max(cfg.steps_per_call, validation_steps // 20)
             self.train_config = dataclasses.replace(cfg, **changes)
-        return fitted
 
-    def _train_chunks(self, num_steps, seconds, validate, bar, saver, patience=None, callbacks=()) -> None:
+    def _train_chunks(self, num_steps, seconds, validate, bar, saver, patience=None, callbacks=(),
+                      budget=None) -> None:
         cfg, start, done, since_validation, postfix = self.train_config, time.monotonic(), 0, 0, {}
+        pace = [(start, 0)]  # (time, steps done) after recent chunks: the speed training actually runs at
         dropped, dropped_sites = 0, []
         best_loss, best_step, best_params, waited = np.inf, None, None, 0
         while (num_steps is None or done < num_steps) and (seconds is None or time.monotonic() - start < seconds):
@@ -303,6 +315,8 @@ class CompiledModel:
             every = self.checkpoint_every or max(cfg.validation_every, 1)  # None: at each validation
             if saver is not None and self.step // every > (self.step - active) // every:
                 saver.save(self.step, _state_arrays(self.state), checkpoint_metadata(self))
+            if budget is not None and done < num_steps:
+                num_steps = self._refit_to_budget(num_steps, done, pace, budget, bar)
         if validate and done and self.history["validation_step"][-1:] != [self.step]:  # a callback ended it
             value = self._record_validation()
             bar.set_postfix({**postfix, "val": f"{value:.3f}"})
@@ -319,6 +333,27 @@ class CompiledModel:
         if saver is not None and done and saver.latest_step() != self.step:
             saver.save(self.step, _state_arrays(self.state), checkpoint_metadata(self))
 
+    def _refit_to_budget(self, num_steps: int, done: int, pace: list, budget: tuple, bar) -> int:
+        """Steps to take in all, re-estimated after a chunk from the speed of the last chunks (the timed chunk
+        misses per-chunk overheads, and the machine's load changes); the schedule is refitted when the
+        estimate moves by more than a chunk or 2%, so training ends at the budget with the rate at its floor."""
+        deadline, cap = budget
+        now = time.monotonic()
+        pace.append((now, done))
+        del pace[:-11]  # the last ten chunks
+        then, then_done = pace[0]
+        per_step = (now - then) / max(done - then_done, 1)
+        # At least one more step, so that the last one is taken at the schedule's floor.
+        fits = done + max(int((deadline - now) / max(per_step, 1e-9)), 1)
+        if cap is not None:
+            fits = min(fits, cap)
+        if abs(fits - num_steps) <= max(self.train_config.steps_per_call, 0.02 * num_steps):
+            return num_steps
+        self._set_horizon(self.step + fits - done)
+        bar.total = fits
+        bar.refresh()
+        return fits
+
     def _record_validation(self) -> float:
         value = self.validation_loss()
         with _interrupts_deferred():
@@ -327,12 +362,16 @@ class CompiledModel:
         return value
 
     # ------------------------------------------------------------------------------------------
-    def posterior(self, key: jax.Array, observations: Mapping[str, Any], num_samples: int = 1000) -> Posterior:
+    def posterior(self, key: jax.Array, observations: Mapping[str, Any], num_samples: int = 1000, *,
+                  defensive: float = 0.0, defensive_scale: float = core.DEFENSIVE_SCALE) -> Posterior:
         """Importance-sampling posterior for one observation set, or for a batch of them at once.
 
         Give each observed site either its own shape or a leading batch axis of n
         observations: the result then has ``batch_shape == (n,)``. Compiled with ``devices=``,
         the particles are split over the devices (``num_samples`` must divide their number).
+        ``defensive=0.05`` draws 5% of the particles from a proposal widened ``defensive_scale`` times
+        and weighs all of them against that mixture, so a proposal that is too narrow cannot
+        give a few particles all the weight (see :func:`jaxic.proposal.importance_sample`).
 
         Example:
             >>> post = compiled.posterior(jax.random.key(1), {"obs": jnp.array([4.0, 25.0])}, 1000)
@@ -340,16 +379,18 @@ class CompiledModel:
         """
         key = checks.prng_key("key", key)
         num_samples = checks.positive_int("num_samples", num_samples)
+        defensive, defensive_scale = core.check_defensive(defensive, defensive_scale)
         observations = self.checked_observations(observations)
         if self.spec.dynamic:  # the model is Python: nothing to jit around it
-            post = core.importance_sample(self.proposal, None, key, observations, num_samples)
+            post = core.importance_sample(self.proposal, None, key, observations, num_samples, defensive=defensive,
+                                          defensive_scale=defensive_scale)
         else:
             if self.mesh is not None:
                 parallel.check_divisible(num_samples, self.mesh, "num_samples")
                 key, observations = parallel.replicate((key, observations), self.mesh)
             chunk = core.plan_particle_chunks(self.template, observations, num_samples)
             post = self.sampler(self.proposal, None, key, observations, num_samples, sharding=self.sharding,
-                                chunk_size=chunk)
+                                chunk_size=chunk, defensive=defensive, defensive_scale=defensive_scale)
         return post.knowing_model(self.predictive_from)  # post.predictive(key, n) runs this model
 
     def sample(self, key: jax.Array, observations: Mapping[str, Any], num_samples: int = 1000) -> dict[str, jax.Array]:
@@ -707,7 +748,7 @@ def load(path: str | os.PathLike, model: Callable, *, model_args: Sequence = (),
             spec = saved_spec
             sample_universal(spec, bound, jax.random.key(0), 4)
         else:
-            spec = derive_trace_spec(bound, observed)
+            spec = derive_trace_spec(bound, observed, elementwise=core.PLATE_ELEMENTWISE if local is not None else None)
     except (ObservationError, ModelError) as exc:
         raise CheckpointError(f"checkpoint '{path}' does not fit this model: {exc}") from None
     difference = saved_spec.describe_difference(spec)

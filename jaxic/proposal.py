@@ -29,7 +29,7 @@ from numpyro import handlers
 from jaxic.errors import JaxicError, ModelError, ObservationError, UntraceableModelError
 from jaxic.heads import heads_for
 from jaxic.inference import Posterior
-from jaxic.inference.importance import EagerDecoder, importance_sample_eager, sample_particles
+from jaxic.inference.importance import DEFENSIVE_SCALE, EagerDecoder, importance_sample_eager, sample_particles
 from jaxic.networks import FeedForwardConfig, ProposalStatistics, TransformerConfig, proposal_statistics
 from jaxic.objectives import LocalPlate, check_data_finite, forward_kl_loss
 from jaxic.tracing import (ParameterisedModel, TraceDataset, TraceSpec, abstract_trace, derive_trace_spec,
@@ -111,6 +111,7 @@ def init(model: Callable, observed: Sequence[str], key: jax.Array, *, network: A
     if spec is None:
         spec = dataset.spec if dataset is not None else derive_spec(
             bound, observed, "masked" if plate is not None else path, stats_key, pilot_traces, max_tokens,
+            elementwise=PLATE_ELEMENTWISE if plate is not None else None,
             max_sites_per_run=max_sites_per_run, run_timeout=run_timeout)
     data = check_data(data, spec, plate)
     model_params, param_constraints = find_model_params(full, init_key)
@@ -169,16 +170,22 @@ def check_data(data: Mapping | None, spec: TraceSpec, plate: LocalPlate | None =
     return out
 
 
+# Over a local plate (amortized VI, one latent set per data point) a vector site stays one token unless its infer
+# says otherwise: each element's proposal is then a small encoder (the feed-forward network), not a sequence.
+PLATE_ELEMENTWISE = False
+
+
 def derive_spec(bound: Callable, observed: Sequence[str], path: str, key: jax.Array, pilot_traces: int = 256,
-                max_tokens: int | None = None, **limits) -> TraceSpec:
+                max_tokens: int | None = None, elementwise: bool | None = None, **limits) -> TraceSpec:
     """The trace spec on the chosen path (``"auto"``: masked when the model jits, else universal, with a warning).
-    ``limits`` (``max_sites_per_run``, ``run_timeout``) bound each eager run of a universal model."""
+    ``limits`` (``max_sites_per_run``, ``run_timeout``) bound each eager run of a universal model;
+    ``elementwise`` is the default of vector sites (see :func:`jaxic.tracing.derive_trace_spec`)."""
     if path not in PATHS:
         raise JaxicError(f"path must be one of {PATHS}, got {path!r}.")
     if path == "universal":
-        return derive_universal_spec(bound, observed, key, pilot_traces, max_tokens, **limits)
+        return derive_universal_spec(bound, observed, key, pilot_traces, max_tokens, elementwise=elementwise, **limits)
     try:
-        return derive_trace_spec(bound, observed)
+        return derive_trace_spec(bound, observed, elementwise=elementwise)
     except UntraceableModelError as exc:
         if path == "masked":
             raise
@@ -186,7 +193,7 @@ def derive_spec(bound: Callable, observed: Sequence[str], path: str, key: jax.Ar
         warnings.warn(f"jaxic: {message}. Using the universal path: the model runs eagerly (one trace per "
                       "call) while the proposal still trains batched and jitted. For speed, rewrite the "
                       "control flow with handlers.mask / cond / scan (see jaxic.control_flow).", stacklevel=4)
-        return derive_universal_spec(bound, observed, key, pilot_traces, max_tokens, **limits)
+        return derive_universal_spec(bound, observed, key, pilot_traces, max_tokens, elementwise=elementwise, **limits)
 
 
 def local_plate_of(bound: Callable, name: str, observed: Sequence[str]) -> LocalPlate:
@@ -426,14 +433,20 @@ def _log_prob_eager(proposal, model, values, obs, latent_batch, obs_batch) -> ja
 
 # --- drawing ----------------------------------------------------------------------------------
 def importance_sample(proposal: Proposal, model: Callable | None, key: jax.Array, observations: Mapping[str, Any],
-                      num_samples: int, *, sharding=None, chunk_size: int | None = None) -> Posterior:
+                      num_samples: int, *, sharding=None, chunk_size: int | None = None, defensive: float = 0.0,
+                      defensive_scale: float = DEFENSIVE_SCALE) -> Posterior:
     """Importance sampling with the proposal running alongside ``model`` (default: the
     proposal's own, with its learned parameters): ``log w = log p(x, y) - log q(x | y)``.
 
     One observation set, or a batch of n (leading axis) giving ``batch_shape == (n,)``.
     ``chunk_size`` draws the particles in chunks of that many (``lax.map``): memory scales
-    with the chunk, the result is that of one call. ``sharding``
+    with the chunk, the result is that of one call (up to float rounding). ``sharding``
     (:func:`jaxic.parallel.batch_sharding`) splits the particles over devices.
+
+    ``defensive``: the share of particles drawn from a proposal widened ``defensive_scale`` times,
+    every weight computed against the mixture (see :func:`jaxic.inference.sample_particles`): a
+    safeguard against a proposal that is too narrow, at the price of about that share of the ESS
+    when it is not. The compiled masked path only.
 
     Example:
         >>> post = jax.jit(jaxic.proposal.importance_sample, static_argnums=(1, 4))(
@@ -442,7 +455,11 @@ def importance_sample(proposal: Proposal, model: Callable | None, key: jax.Array
     """
     model = proposal.bound_model if model is None else model
     obs, batch_shape = observation_batch(proposal, observations)
+    defensive, defensive_scale = check_defensive(defensive, defensive_scale)
     if proposal.spec.dynamic:
+        if defensive:
+            raise JaxicError(f"defensive={defensive} needs the compiled (masked) path, but this model runs "
+                             "eagerly (path='universal'); use defensive=0.0.")
         decoder = _eager_decoder(proposal.graphdef, proposal.spec)
         run = lambda k, o: importance_sample_eager(decoder, proposal.params, proposal.statistics, model, k, o,
                                                    num_samples)
@@ -454,7 +471,8 @@ def importance_sample(proposal: Proposal, model: Callable | None, key: jax.Array
     network = proposal.network
 
     def single(k, o):
-        p = sample_particles(network, proposal.spec, model, k, o, num_samples, sharding, chunk_size)
+        p = sample_particles(network, proposal.spec, model, k, o, num_samples, sharding, chunk_size,
+                             defensive, defensive_scale)
         return Posterior(p.samples, p.log_weights, p.log_joint, p.log_proposal, p.executed)
 
     result = single(key, obs) if not batch_shape else jax.vmap(single)(jax.random.split(key, batch_shape[0]), obs)
@@ -517,6 +535,27 @@ def joint_draws(proposal: Proposal, key: jax.Array, num_traces: int):
 def _joint_sampler(spec: TraceSpec, num_traces: int) -> Callable:
     return jax.jit(lambda proposal, key: sample_joint(spec, proposal.bound_model, key, num_traces))
 
+
+
+def check_defensive(defensive: Any, defensive_scale: Any) -> tuple[float, float]:
+    """``(defensive, defensive_scale)`` as floats, or a :class:`JaxicError` saying which is out of range.
+
+    Example:
+        >>> check_defensive(0.05, 3.0)
+        (0.05, 3.0)
+    """
+    try:
+        if isinstance(defensive, bool) or isinstance(defensive_scale, bool):
+            raise TypeError
+        share, scale = float(defensive), float(defensive_scale)
+    except (TypeError, ValueError):
+        raise JaxicError(f"defensive={defensive!r} and defensive_scale={defensive_scale!r} must be numbers "
+                         "(a share of particles in [0, 1) and a widening factor >= 1).") from None
+    if not 0.0 <= share < 1.0:
+        raise JaxicError(f"defensive={defensive!r} must be a share of the particles in [0, 1), e.g. 0.05.")
+    if not (np.isfinite(scale) and scale >= 1.0):
+        raise JaxicError(f"defensive_scale={defensive_scale!r} must be a finite widening factor >= 1, e.g. 3.0.")
+    return share, scale
 
 
 # --- memory -----------------------------------------------------------------------------------

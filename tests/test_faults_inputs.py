@@ -145,6 +145,12 @@ BAD_POSTERIOR_ARGUMENTS = {
     "zero num_samples": (dict(num_samples=0), r"num_samples must be a positive integer, got 0"),
     "bool num_samples": (dict(num_samples=True), r"num_samples must be a positive integer, got the boolean True"),
     "string num_samples": (dict(num_samples="3"), r"num_samples must be a positive integer, got '3' of type str"),
+    "defensive share of one": (dict(defensive=1.0), r"defensive=1.0 must be a share of the particles in \[0, 1\)"),
+    "negative defensive share": (dict(defensive=-0.1), r"defensive=-0.1 must be a share"),
+    "NaN defensive share": (dict(defensive=float("nan")), r"defensive=nan must be a share"),
+    "boolean defensive": (dict(defensive=True), r"defensive=True and defensive_scale=3.0 must be numbers"),
+    "narrowing defensive_scale": (dict(defensive=0.1, defensive_scale=0.5), r"defensive_scale=0.5 must be a finite widening factor >= 1"),
+    "infinite defensive_scale": (dict(defensive=0.1, defensive_scale=float("inf")), r"defensive_scale=inf must be a finite"),
 }
 
 
@@ -536,3 +542,16 @@ def test_fuzz_index_in_range(index, size):
         validation.index_in_range(index, size)
     except JaxicError:
         pass
+
+
+def branching_in_python():
+    if numpyro.sample("switch", dist.Bernoulli(0.5)) > 0:
+        numpyro.sample("extra", dist.Normal(0.0, 1.0))
+    numpyro.sample("obs", dist.Normal(0.0, 1.0))
+
+
+def test_defensive_mixture_needs_the_compiled_path():
+    compiled = jaxic.compile(branching_in_python, ["obs"], jax.random.key(0), num_steps=0, path="universal",
+                             batch_size=8, validation_size=16, pilot_traces=16, progress=False)
+    with pytest.raises(JaxicError, match=r"defensive=0.1 needs the compiled \(masked\) path.*path='universal'.*defensive=0.0"):
+        compiled.posterior(jax.random.key(0), {"obs": 0.5}, 10, defensive=0.1)

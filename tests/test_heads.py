@@ -136,3 +136,25 @@ def test_continuous_samples_are_reparameterised_in_every_parameter(head):
     exact = jax.grad(lambda p: jnp.sum(jnp.exp(jax.vmap(head.log_prob, (None, 0))(p, values))
                                        * jax.vmap(f)(values) * volume))(params)
     np.testing.assert_allclose(pathwise, exact, atol=0.03 * float(jnp.abs(exact).max()) + 0.01)
+
+
+@pytest.mark.parametrize("head", HEADS, ids=repr)
+def test_widen_keeps_the_family_and_spreads_it(head):
+    """The defensive component: factor 1 is the head itself; a wider one is a normalised member of
+    the family, nowhere much less likely, that gains mass where the head has least (bounding the weights there)."""
+    params = random_params(head, seed=8)
+    if not isinstance(head, DISCRETE):  # components narrow enough that twice as wide stays on the grid
+        params = 0.25 * params
+    values, volume = support_grid(head)
+    log_q = jax.vmap(head.log_prob, (None, 0))(params, values)
+    same = jax.vmap(head.log_prob, (None, 0))(head.widen(params, jnp.asarray(1.0)), values)
+    np.testing.assert_allclose(same, log_q, rtol=1e-5, atol=1e-5)
+    wide = jax.jit(jax.vmap(head.log_prob, (None, 0)))(head.widen(params, jnp.asarray(2.0)), values)
+    assert jnp.all(jnp.isfinite(head.widen(params, jnp.asarray(2.0))))
+    np.testing.assert_allclose(jnp.sum(jnp.exp(wide) * volume), 1.0, atol=2e-3)
+    # Nowhere much less likely (the mixture's weights stay near the proposal's where it is good)...
+    assert jnp.max(log_q - wide) < jnp.log(10.0)
+    # ...and far more likely where the head puts least mass.
+    least = jnp.argmin(log_q)
+    assert wide[least] > log_q[least] + 0.1
+    chex.assert_shape(head.widen(params, jnp.asarray(2.0)), (head.num_params,))

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import jaxic
+import jaxic.proposal
 from jaxic import training
 from jaxic.models import coin_flips, gaussian_unknown_mean, gaussian_unknown_mean_posterior, pedagogical
 from jaxic.networks import Statistic
@@ -155,3 +156,29 @@ def test_batched_posterior_matches_single_posteriors(gaussian):
     chex.assert_shape(batch.samples["mu"], (2, 3000))
     np.testing.assert_allclose(batch[1].mean("mu"), batch.mean("mu")[1], rtol=1e-6)
     assert batch[1].batch_shape == ()
+
+
+@pytest.mark.slow
+def test_defensive_mixture_weighs_against_the_mixture_and_stays_exact(gaussian):
+    """``defensive``: a share of particles from the widened proposal, every weight against the mixture."""
+    obs = {"obs": jnp.array([4.0, 6.0])}
+    plain = gaussian.posterior(jax.random.key(6), obs, num_samples=4000)
+    # With a widening of one both components are the proposal: the same draws and weights.
+    same = gaussian.posterior(jax.random.key(6), obs, num_samples=4000, defensive=0.25, defensive_scale=1.0)
+    np.testing.assert_allclose(same.samples["mu"], plain.samples["mu"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(same.log_weights, plain.log_weights, rtol=1e-5, atol=1e-5)
+
+    mixed = gaussian.posterior(jax.random.key(6), obs, num_samples=4000, defensive=0.25)
+    mean, sd = gaussian_unknown_mean_posterior(obs["obs"])
+    np.testing.assert_allclose(mixed.mean("mu"), mean, atol=0.05 * sd)
+    np.testing.assert_allclose(mixed.std("mu"), sd, rtol=0.05)
+    exact = dist.MultivariateNormal(jnp.ones(2), 5.0 + 2.0 * jnp.eye(2)).log_prob(obs["obs"])
+    np.testing.assert_allclose(mixed.log_evidence, exact, atol=0.02)
+    # The mixture density exceeds the proposal's share of it, and by more for the 1,000 wide draws
+    # (the first ones), which lie where the proposal puts less mass.
+    log_q, _ = jaxic.proposal.log_prob(gaussian.proposal, mixed.samples, obs)
+    excess = mixed.log_proposal - (jnp.log(0.75) + log_q)
+    assert jnp.all(excess > -1e-4), excess.min()
+    assert excess[:1000].mean() > excess[1000:].mean() + 0.1
+    # Costs about the wide share of the ESS on a good proposal, no more.
+    assert 0.6 < float(mixed.ess) / float(plain.ess) < 1.0

@@ -29,8 +29,8 @@ from numpyro import handlers
 
 from jaxic.checkpoint import read_arrays, write_checkpoint
 from jaxic.heads import head_for_site
-from jaxic.networks import (NETWORKS, FeedForwardConfig, LSTMConfig, ProposalStatistics, TransformerConfig,
-                            TransformerProposal, proposal_statistics)
+from jaxic.networks import (NETWORKS, Defensive, FeedForwardConfig, LSTMConfig, ProposalStatistics,
+                            TransformerConfig, TransformerProposal, proposal_statistics)
 from jaxic.tracing import derive_trace_spec, sample_joint
 
 # Every test here needs a trained or compiled network: the slow tier.
@@ -301,6 +301,45 @@ def check_incremental_decoding_matches_log_prob(network, observations, tokens):
                              f"{whole[i, t]!r} (rtol {RTOL}).")
 
 
+def check_defensive_decoding(network, observations, tokens):
+    """With ``defensive``, ``decode`` scores each given token under the head and under its widened head:
+    ``log_q`` is ``(2,)``, its first entry the plain score, its second equal to it for a widening of one
+    and different for a real widening (executed, proposed tokens), both 0 where the token did not run.
+
+    Example:
+        >>> check_defensive_decoding(net, observations, tokens)
+    """
+    graphdef, state = nnx.split(network)
+
+    def scores(scale, observations, tokens):
+        net = nnx.merge(graphdef, state)
+        defensive = Defensive(jnp.asarray(scale, jnp.float32), jnp.asarray(False))
+
+        def step(decode_state, inputs):
+            key, address, instance, dist_type, mask, value = inputs
+            decode_state, _, log_q = net.decode(decode_state, key, address, instance, dist_type, mask, given=value,
+                                                defensive=defensive)
+            return decode_state, log_q
+
+        keys = jax.random.split(jax.random.key(0), tokens.mask.shape[0])
+        return jax.lax.scan(step, net.init_decode(observations), (keys, tokens.address, tokens.instance,
+                                                                  tokens.dist_type, tokens.mask, tokens.value))[1]
+
+    run = jax.jit(jax.vmap(scores, (None, 0, 0)), static_argnums=0, compiler_options=QUICK)
+    plain = teacher_forced(network, observations, tokens)
+    shown = np.asarray(scored(network, tokens))
+    for scale in (1.0, 3.0):
+        both = np.asarray(run(scale, observations, tokens))
+        assert both.shape == tokens.mask.shape + (2,), both.shape
+        first = np.where(shown, both[..., 0] - np.asarray(tokens.log_jacobian), 0.0)
+        np.testing.assert_allclose(first, plain, rtol=RTOL, atol=ATOL)
+        assert np.all(both[~np.asarray(tokens.mask)] == 0.0)
+        if scale == 1.0:
+            np.testing.assert_allclose(both[..., 1], both[..., 0], rtol=RTOL, atol=ATOL)
+        else:
+            assert np.any(np.abs(both[..., 1] - both[..., 0])[shown] > 1e-3), "the widened head scores alike"
+
+
 def eager_decode(network, observations, tokens, key, teacher):
     """``decode_trace`` stepped through in Python, one eager ``decode`` per token. ``teacher``: a boolean per
     token, or True (every value given, no ``teacher`` argument) or False (every token drawn, no ``given``)."""
@@ -409,7 +448,8 @@ def hide_tokens(tokens, positions):
 
 
 @pytest.mark.parametrize("check", [check_causal, check_incremental_decoding_matches_log_prob,
-                                   check_jit_vmap_match_eager, check_masked_invisible], ids=lambda c: c.__name__)
+                                   check_jit_vmap_match_eager, check_masked_invisible, check_defensive_decoding],
+                         ids=lambda c: c.__name__)
 def test_network_conforms(check, network):
     net, _, data = network
     tokens = data.tokens

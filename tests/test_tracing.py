@@ -17,7 +17,7 @@ def mixed_model():
         z = numpyro.sample("z", dist.Normal(0.0, scale))
         with handlers.mask(mask=jnp.arange(3) < 2):
             numpyro.sample("flag", dist.Bernoulli(0.3))
-    numpyro.sample("weights", dist.Dirichlet(jnp.ones(4)))
+    numpyro.sample("weights", dist.Dirichlet(jnp.ones(4)), infer={"jaxic": {"elementwise": False}})
     numpyro.sample("level", dist.DiscreteUniform(2, 5))
     numpyro.sample("obs", dist.Normal(z.sum(), 1.0))
 

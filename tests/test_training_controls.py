@@ -3,6 +3,7 @@ writers, the validation loss of objectives that train the model, and the labels 
 
 import csv
 import struct
+import time
 import warnings
 from pathlib import Path
 
@@ -88,6 +89,20 @@ def test_seconds_fit_the_schedule_to_end_exactly_at_the_last_step(compiled):
     assert rates[-1] == pytest.approx(float(training.warmup_cosine(compiled.step - 1, compiled.step, PEAK)))
     assert compiled.learning_rate() == pytest.approx(0.05 * PEAK, rel=1e-6)
     assert compiled.history["validation_step"][-1] == compiled.step
+    assert compiled.loop.compilations() == 1
+
+
+@pytest.mark.slow
+def test_seconds_hold_when_training_is_slower_than_the_timed_chunk(compiled):
+    """Callbacks (or a busier machine) slow every chunk after the timing: the schedule is refitted on
+    the way, so training ends at the budget with the rate at its floor."""
+    start, begin = compiled.step, time.monotonic()
+    compiled.train(seconds=3.0, progress=False, callbacks=[lambda record: time.sleep(0.15)])
+    elapsed = time.monotonic() - begin
+    assert elapsed < 3.0 + 0.5, elapsed  # at most about one chunk past the budget
+    assert compiled.step == compiled.train_config.num_steps > start
+    rates = compiled.history["learning_rate"]
+    assert rates[-1] == pytest.approx(0.05 * PEAK, rel=1e-6)
     assert compiled.loop.compilations() == 1
 
 

@@ -34,6 +34,11 @@ class ProposalHead(Protocol):
     def features(self, value: jax.Array) -> jax.Array:
         """Fixed-width features of a standardised token value, for the network's input."""
 
+    def widen(self, params: jax.Array, factor: jax.Array) -> jax.Array:
+        """Parameters of a wider member of the family (``factor >= 1``; 1 leaves the distribution
+        unchanged): the defensive component of importance sampling, which must put mass wherever
+        the proposal is too confident."""
+
     def statistics(self, values: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """From joint-sample token values ``(N, width)`` of one site: ``(loc, scale, base_params)``.
 

@@ -38,6 +38,10 @@ class CategoricalHead:
         index = dist.Categorical(logits=params).sample(key).astype(jnp.float32)
         return jnp.zeros(width).at[0].set(index)
 
+    def widen(self, params, factor):
+        """Logits at temperature ``factor``: flatter, every category keeps some mass."""
+        return params / factor
+
     def features(self, value):
         return jax.nn.one_hot(self._index(value), self.num_categories)
 

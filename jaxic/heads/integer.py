@@ -44,6 +44,17 @@ class IntegerMixtureHead:
         return dist.MixtureSameFamily(dist.Categorical(logits=params[:k]),
                                       dist.NegativeBinomial2(mean, concentration))
 
+    def widen(self, params, factor):
+        """Flatter weights, each component's standard deviation about ``factor`` times larger (its
+        overdispersion raised: variance = mean + mean**2 / concentration)."""
+        k = self.num_components
+        mean = jnp.exp(jnp.clip(params[k : 2 * k], *_LOG_MEAN_RANGE))
+        concentration = jnp.exp(jnp.clip(params[2 * k :], *_LOG_CONCENTRATION_RANGE))
+        variance = (mean + mean**2 / concentration) * factor**2
+        wider = mean**2 / jnp.maximum(variance - mean, 1e-6)
+        return jnp.concatenate([params[:k] / factor, params[k : 2 * k],
+                                jnp.clip(jnp.log(wider), *_LOG_CONCENTRATION_RANGE)])
+
     @staticmethod
     def _count(value):
         return jnp.maximum(jnp.round(value[0]), 0.0)

@@ -74,6 +74,15 @@ class MixtureHead:
             log_weight = log_weight + dist.Normal(loc[:, i], scale[:, i]).log_prob(z_i)
         return jnp.pad(jnp.stack(out), (0, width - self.dim))
 
+    def widen(self, params, factor):
+        """Every component ``factor`` times wider, the weights flattened (logits / factor)."""
+        k, d = self.num_components, self.dim
+        _, _, scale = self._parts(params)
+        wider = scale * factor - _MIN_SCALE
+        # Inverse softplus, stable for large scales.
+        raw = wider + jnp.log(-jnp.expm1(-wider))
+        return jnp.concatenate([params[:k] / factor, params[k : k + k * d], raw.reshape(-1)])
+
     def features(self, value):
         return value[: self.dim]
 

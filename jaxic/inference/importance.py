@@ -22,13 +22,18 @@ from numpyro.primitives import Messenger
 
 from jaxic.errors import ModelError
 from jaxic.inference.posterior import Posterior
+from jaxic.networks.base import Defensive
 from jaxic.parallel import shard_batch
 from jaxic.tracing import TraceSpec
 from jaxic.tracing.limits import limit_sites, time_limit, time_limit_paused
 from jaxic.tracing.dependence import dependent_outputs
-from jaxic.tracing.spec import as_tokens, deterministic_values, from_tokens, site_mask
+from jaxic.tracing.spec import as_tokens, deterministic_values, from_tokens, site_mask, token_mask
 from jaxic.tracing.universal import stack_deterministic
 from jaxic.tracing.traces import Tokens, trace_to_tokens
+
+
+# Widening of the defensive mixture's wide component: three times the proposal's spread.
+DEFENSIVE_SCALE = 3.0
 
 
 def log_joint(trace: dict) -> jax.Array:
@@ -60,7 +65,8 @@ class Particles(NamedTuple):
 
 def sample_particles(network, spec: TraceSpec, model: Callable, key: jax.Array,
                      observations: Mapping[str, jax.Array], num_particles: int, sharding=None,
-                     chunk_size: int | None = None) -> Particles:
+                     chunk_size: int | None = None, defensive: float = 0.0,
+                     defensive_scale: float = DEFENSIVE_SCALE) -> Particles:
     """Proposal draws with their weights, tokens and score terms (the proposal decodes the token positions in one compiled loop; compile time does not grow with the number of sites).
 
     Where a token's executed-mask or prior-drawn value depends on the values decoded before it
@@ -74,6 +80,13 @@ def sample_particles(network, spec: TraceSpec, model: Callable, key: jax.Array,
     ``log_proposal_discrete`` for score-function estimators. ``sharding`` (e.g.
     :func:`jaxic.parallel.batch_sharding`) splits the particles over devices. ``chunk_size``
     draws them in chunks of that many (``lax.map``), so memory scales with the chunk.
+
+    ``defensive`` (a share, ``0 <= defensive < 1``): that share of the particles (rounded, at least one)
+    is drawn from the proposal with every head widened by ``defensive_scale``
+    (:meth:`jaxic.heads.ProposalHead.widen`), and every weight is computed against the mixture
+    ``(1 - a) q + a q_wide`` (``a`` the exact share drawn; the balance heuristic of multiple importance
+    sampling), which bounds each weight by ``p / (a q_wide)``: a proposal that became too narrow
+    late in training can no longer give a few particles all the weight.
 
     Example:
         >>> particles = sample_particles(network, spec, model, key, {"obs": 1.0}, 16)
@@ -100,8 +113,13 @@ def sample_particles(network, spec: TraceSpec, model: Callable, key: jax.Array,
     fixed = oracle(jax.random.split(key)[1], jnp.zeros((num_tokens, width)))
     any_dynamic = bool(plan.dynamic.any())
 
-    def particle(key):
+    num_wide = 0 if defensive == 0 else min(num_particles, max(1, round(defensive * num_particles)))
+    share = num_wide / num_particles
+    mixed = num_wide > 0
+
+    def particle(key, wide):
         proposal_key, model_key = jax.random.split(key)
+        mixture = Defensive(jnp.asarray(defensive_scale, jnp.float32), wide) if mixed else None
 
         def decode_one(carry, inputs):
             state, values, known = carry
@@ -113,7 +131,8 @@ def sample_particles(network, spec: TraceSpec, model: Callable, key: jax.Array,
             else:
                 mask, value = fixed_t
             given = (value, teacher) if has_prior_sites else (None, None)
-            state, value, log_q = network.decode(state, key, address, instance, dist_type, mask, *given)
+            state, value, log_q = network.decode(state, key, address, instance, dist_type, mask, *given,
+                                                 defensive=mixture)
             return (state, values.at[t].set(value), known), log_q
 
         # Without dynamic tokens the fixed masks and values stream in with the token; otherwise
@@ -126,7 +145,12 @@ def sample_particles(network, spec: TraceSpec, model: Callable, key: jax.Array,
         trace = run_model(model_key, values)
         tokens, _ = trace_to_tokens(spec, trace)
         proposed = tokens.mask & ~prior_token
-        log_q = jnp.sum(jnp.where(proposed, log_q_tokens - tokens.log_jacobian, 0.0))
+        if mixed:  # (T, 2): the proposal's and the widened proposal's log q; weigh against their mixture
+            per_component = jnp.sum(jnp.where(proposed[:, None], log_q_tokens - tokens.log_jacobian[:, None], 0.0), 0)
+            log_q = jax.nn.logsumexp(per_component + jnp.log(jnp.asarray([1.0 - share, share])))
+            log_q_tokens = log_q_tokens[:, 0]
+        else:
+            log_q = jnp.sum(jnp.where(proposed, log_q_tokens - tokens.log_jacobian, 0.0))
         log_q_discrete = jnp.sum(jnp.where(proposed & discrete_token, log_q_tokens, 0.0))
         # q equals the prior at prior-drawn sites, so their prior cancels in the weight.
         log_q = log_q + sum((jnp.sum(trace[s.name]["fn"].log_prob(trace[s.name]["value"]))
@@ -141,10 +165,12 @@ def sample_particles(network, spec: TraceSpec, model: Callable, key: jax.Array,
 
     # Sharded keys make XLA run each device's share of the particles.
     keys = shard_batch(jax.random.split(key, num_particles), sharding)
+    # The first particles are the wide component's (a fixed count, so the mixture share is exact).
+    wide = jnp.arange(num_particles) < num_wide
     if chunk_size is None or chunk_size >= num_particles:
-        outputs = jax.vmap(particle)(keys)
+        outputs = jax.vmap(particle)(keys, wide)
     else:
-        outputs = jax.lax.map(particle, keys, batch_size=chunk_size)
+        outputs = jax.lax.map(lambda a: particle(*a), (keys, wide), batch_size=chunk_size)
     samples, log_w, log_p, log_q, executed, log_q_discrete, tokens = outputs
     # A particle with a non-finite weight (e.g. outside the support) gets zero weight.
     log_w = jnp.where(jnp.isnan(log_w), -jnp.inf, log_w)
@@ -320,7 +346,7 @@ class propose(Messenger):
             )
         address = self._addresses[name]
         site = self.spec.latents[address]
-        mask = site_mask(msg["fn"], site.batch_shape).reshape(-1)
+        mask = token_mask(site, msg["fn"])
         key = jax.random.fold_in(self.key, address)
         width = self.spec.value_dim
         if site.propose:

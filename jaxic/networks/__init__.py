@@ -11,12 +11,14 @@ add a new network there too):
   execute or are drawn from their prior. Skipped tokens are invisible: whatever values they hold, NaN
   included, no output changes.
 - ``init_decode(observations)`` and ``decode(state, key, address, instance, dist_type, mask, given=None,
-  teacher=None) -> (state, value, log_q)`` propose one token at a time; with the trace's values given,
-  ``log_q`` minus the token's log-Jacobian equals ``log_prob`` (rtol 1e-5), and a skipped token gives 0.
+  teacher=None, defensive=None) -> (state, value, log_q)`` propose one token at a time; with the trace's values
+  given, ``log_q`` minus the token's log-Jacobian equals ``log_prob`` (rtol 1e-5), and a skipped token gives 0.
+  With ``defensive`` (a :class:`Defensive`), ``log_q`` is ``(2,)``: the proposal's and its widened heads'
+  (``propose_token`` of the shared base does this).
 - Jitted and vmapped calls agree with eager ones.
 """
 
-from jaxic.networks.base import ObservationMLP, ProposalNetworkBase, ProposalStatistics, Statistic, proposal_statistics
+from jaxic.networks.base import Defensive, ObservationMLP, ProposalNetworkBase, ProposalStatistics, Statistic, proposal_statistics
 from jaxic.networks.feedforward import FeedForwardConfig, FeedForwardProposal, FeedForwardState
 from jaxic.networks.lstm import LSTMConfig, LSTMProposal, LSTMState, ObservationSummary
 from jaxic.networks.transformer import Block, DecodeState, TransformerConfig, TransformerProposal
@@ -36,7 +38,7 @@ def config_from_metadata(name: str, fields: dict):
     return config_class(**{**getattr(config_class, "legacy_defaults", {}), **fields})
 
 
-__all__ = ["NETWORKS", "config_from_metadata", "ObservationMLP", "ProposalNetworkBase", "ProposalStatistics", "Statistic", "proposal_statistics",
+__all__ = ["NETWORKS", "config_from_metadata", "Defensive", "ObservationMLP", "ProposalNetworkBase", "ProposalStatistics", "Statistic", "proposal_statistics",
            "Block", "DecodeState", "TransformerConfig", "TransformerProposal",
            "LSTMConfig", "LSTMProposal", "LSTMState", "ObservationSummary",
            "FeedForwardConfig", "FeedForwardProposal", "FeedForwardState"]

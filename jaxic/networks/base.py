@@ -8,7 +8,7 @@ A concrete network (the transformer, later baselines) only decides how the conte
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,14 @@ from flax import nnx
 
 from jaxic.heads import ProposalHead, heads_for
 from jaxic.tracing import TraceSpec, Tokens
+
+
+class Defensive(NamedTuple):
+    """One particle's part in a defensive mixture: the widening factor of the mixture's wide
+    component (:meth:`jaxic.heads.ProposalHead.widen`) and whether this particle is drawn from it."""
+
+    scale: jax.Array
+    chosen: jax.Array
 
 
 class Statistic(nnx.Variable):
@@ -186,16 +194,18 @@ class ProposalNetworkBase(nnx.Module):
         query = self.query_embed(self.site_embedding(address, instance, dist_type))
         return jax.nn.gelu(self.head_trunk(self.head_norm(context) + query))
 
-    def _head_params(self, head_in, address, g, head):
-        return self.head_out[g](head_in) + self.base_params[...][address, : head.num_params]
+    def _head_params(self, head_in, address, g, head, widen=None):
+        params = self.head_out[g](head_in) + self.base_params[...][address, : head.num_params]
+        return params if widen is None else head.widen(params, widen)
 
-    def head_log_prob(self, head_in, address, z):
-        """log q(z) in standardised space for the head of this address."""
-        lps = [h.log_prob(self._head_params(head_in, address, g, h), z) for g, h in enumerate(self.groups)]
+    def head_log_prob(self, head_in, address, z, widen=None):
+        """log q(z) in standardised space for the head of this address (``widen``: of its widened
+        distribution, see :meth:`jaxic.heads.ProposalHead.widen`)."""
+        lps = [h.log_prob(self._head_params(head_in, address, g, h, widen), z) for g, h in enumerate(self.groups)]
         return jnp.stack(lps)[self._group(address)]
 
-    def head_sample(self, key, head_in, address):
-        draws = [h.sample(key, self._head_params(head_in, address, g, h), self.width)
+    def head_sample(self, key, head_in, address, widen=None):
+        draws = [h.sample(key, self._head_params(head_in, address, g, h, widen), self.width)
                  for g, h in enumerate(self.groups)]
         return jnp.stack(draws)[self._group(address)]
 
@@ -208,19 +218,26 @@ class ProposalNetworkBase(nnx.Module):
                  - jax.vmap(self.log_standardiser)(tokens.address) - tokens.log_jacobian)
         return jnp.where(tokens.mask & self.is_proposed(tokens.address), log_q, 0.0)
 
-    def propose_token(self, key, context, address, instance, dist_type, given=None, teacher=None):
+    def propose_token(self, key, context, address, instance, dist_type, given=None, teacher=None,
+                      defensive: "Defensive | None" = None):
         """One token from the context before it: ``(z, value, log_q)`` with ``z`` standardised.
 
         ``given`` (a token value) is scored instead of a draw; a boolean array ``teacher``
-        chooses between ``given`` and a draw at run time.
+        chooses between ``given`` and a draw at run time. With ``defensive``, the draw comes from the
+        widened head when ``defensive.chosen``, and ``log_q`` is ``(2,)``: under the head and under
+        its widened version (the two components of a defensive mixture).
         """
         head_in = self.head_input(context, address, instance, dist_type)
+        draw_widen = None if defensive is None else jnp.where(defensive.chosen, defensive.scale, 1.0)
         if given is None:
-            z = self.head_sample(key, head_in, address)
+            z = self.head_sample(key, head_in, address, draw_widen)
         elif teacher is None:
             z = self.standardise(address, given)
         else:
-            z = jnp.where(teacher, self.standardise(address, given), self.head_sample(key, head_in, address))
-        log_q = self.head_log_prob(head_in, address, z) - self.log_standardiser(address)
+            z = jnp.where(teacher, self.standardise(address, given), self.head_sample(key, head_in, address, draw_widen))
+        log_q = self.head_log_prob(head_in, address, z)
+        if defensive is not None:
+            log_q = jnp.stack([log_q, self.head_log_prob(head_in, address, z, defensive.scale)])
+        log_q = log_q - self.log_standardiser(address)
         value = z * self.value_scale[...][address] + self.value_loc[...][address]
         return z, value, log_q

@@ -84,10 +84,10 @@ class FeedForwardProposal(ProposalNetworkBase):
                                                                      tokens.dist_type)
         return self.score_tokens(contexts, tokens, z)
 
-    def decode(self, state: FeedForwardState, key, address, instance, dist_type, mask, given=None, teacher=None):
+    def decode(self, state: FeedForwardState, key, address, instance, dist_type, mask, given=None, teacher=None, defensive=None):
         """Propose the next token; ``(state, value, log_q)`` as :meth:`TransformerProposal.decode`
         returns (the state never changes: earlier tokens do not matter here).
         """
         context = self._context(state.observation, address, instance, dist_type)
-        _, value, log_q = self.propose_token(key, context, address, instance, dist_type, given, teacher)
+        _, value, log_q = self.propose_token(key, context, address, instance, dist_type, given, teacher, defensive)
         return state, value, jnp.where(mask, log_q, 0.0)

@@ -164,7 +164,7 @@ class LSTMProposal(ProposalNetworkBase):
                                    (tokens.address, tokens.instance, tokens.dist_type, z, tokens.mask))
         return self.score_tokens(contexts, tokens, z)
 
-    def decode(self, state: LSTMState, key, address, instance, dist_type, mask, given=None, teacher=None):
+    def decode(self, state: LSTMState, key, address, instance, dist_type, mask, given=None, teacher=None, defensive=None):
         """Propose the next token and advance the LSTM past it.
 
         Returns ``(state, value, log_q)`` as :meth:`TransformerProposal.decode` does: ``given``
@@ -172,6 +172,6 @@ class LSTMProposal(ProposalNetworkBase):
         between ``given`` and a draw at run time.
         """
         cells, hiddens, context = self._run(state, address, instance, dist_type)
-        z, value, log_q = self.propose_token(key, context, address, instance, dist_type, given, teacher)
+        z, value, log_q = self.propose_token(key, context, address, instance, dist_type, given, teacher, defensive)
         new_state = self._advance(state, cells, hiddens, address, instance, dist_type, z, mask)
         return new_state, value, jnp.where(mask, log_q, 0.0)

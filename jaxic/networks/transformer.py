@@ -192,13 +192,15 @@ class TransformerProposal(ProposalNetworkBase):
         valid = jnp.zeros(total, bool).at[:p].set(True)
         return DecodeState(tuple(keys), tuple(values), valid, jnp.asarray(p, jnp.int32), bos, jnp.asarray(True))
 
-    def decode(self, state: DecodeState, key, address, instance, dist_type, mask, given=None, teacher=None):
+    def decode(self, state: DecodeState, key, address, instance, dist_type, mask, given=None, teacher=None, defensive=None):
         """Propose the next token and append it to the cache.
 
         Returns ``(state, value, log_q)``: the token value in unconstrained space and
         its log-density there (add the Jacobian of ``biject_to`` for the model value).
         With ``given`` (a token value), that value is scored and appended instead of a draw;
-        a boolean array ``teacher`` chooses between ``given`` and a draw at run time.
+        a boolean array ``teacher`` chooses between ``given`` and a draw at run time; with
+        ``defensive`` (:class:`jaxic.networks.Defensive`) ``log_q`` is ``(2,)``, see
+        :meth:`propose_token`.
         """
         # The pending input (BOS or the previous token) learns which site comes next, enters the cache,
         # and its output is the context that proposes this token.
@@ -209,7 +211,7 @@ class TransformerProposal(ProposalNetworkBase):
             x, k, v = block.step(x, state.keys[layer], state.values[layer], valid, state.position)
             keys.append(k)
             values.append(v)
-        z, value, log_q = self.propose_token(key, x, address, instance, dist_type, given, teacher)
+        z, value, log_q = self.propose_token(key, x, address, instance, dist_type, given, teacher, defensive)
         new_state = DecodeState(tuple(keys), tuple(values), valid, state.position + 1,
                                 self.content(address, instance, dist_type, z, mask), jnp.asarray(mask, bool))
         return new_state, value, jnp.where(mask, log_q, 0.0)

@@ -9,13 +9,14 @@ and seconds (:mod:`jaxic.tracing.limits`), so a model that never ends raises an 
 from jaxic.tracing.dataset import TraceDataset, TraceWriter, write_traces
 from jaxic.tracing.params import ParameterisedModel, find_model_params
 from jaxic.tracing.spec import (DeterministicSite, LatentSite, abstract_trace, ObservedSite, TraceSpec, derive_trace_spec,
-                                deterministic_values, from_tokens)
+                                default_elementwise, deterministic_values, from_tokens, token_mask)
 from jaxic.tracing.traces import Tokens, sample_joint, trace_to_tokens
 from jaxic.tracing.limits import limit_sites, time_limit, user_frame
 from jaxic.tracing.universal import (derive_universal_spec, pack_trace, run_bounded, sample_universal,
                                      stack_deterministic)
 
 __all__ = ["DeterministicSite", "deterministic_values", "stack_deterministic", "LatentSite", "ObservedSite", "TraceSpec", "derive_trace_spec", "from_tokens", "Tokens",
+           "default_elementwise", "token_mask",
            "sample_joint", "trace_to_tokens", "TraceDataset", "TraceWriter", "write_traces",
            "derive_universal_spec", "pack_trace", "sample_universal", "ParameterisedModel", "find_model_params", "abstract_trace",
            "limit_sites", "time_limit", "user_frame", "run_bounded"]

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxic.parallel import shard_batch
-from jaxic.tracing.spec import TraceSpec, as_tokens, run_model, site_mask
+from jaxic.tracing.spec import TraceSpec, as_tokens, run_model, token_mask
 
 
 class Tokens(NamedTuple):
@@ -36,7 +36,7 @@ def trace_to_tokens(spec: TraceSpec, trace: dict) -> tuple[Tokens, dict[str, jax
         v, ld = as_tokens(site, msg["fn"], msg["value"], width)
         values.append(v)
         log_dets.append(ld)
-        masks.append(site_mask(msg["fn"], site.batch_shape).reshape(-1))
+        masks.append(token_mask(site, msg["fn"]))
     layout = spec.token_layout()
     order = spec.token_order()
     tokens = Tokens(

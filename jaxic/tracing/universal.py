@@ -26,7 +26,7 @@ import numpy as np
 from jaxic.errors import JaxicError, ModelError
 from jaxic.tracing.limits import PILOT_MIN_SITES, limit_sites, resolve_timeout, time_limit, user_frame
 from jaxic.tracing.spec import (DeterministicSite, LatentSite, ObservedSite, TraceSpec, as_tokens, check_observed,
-                                deterministic_sites, latent_site, run_model, shape_change_message, site_mask)
+                                deterministic_sites, latent_site, run_model, shape_change_message, token_mask)
 from jaxic.tracing.traces import Tokens
 
 
@@ -56,7 +56,8 @@ def _latent_messages(trace: dict, observed: Sequence[str]):
 
 def derive_universal_spec(model: Callable, observed: Sequence[str], key: jax.Array | None = None,
                           num_traces: int = 256, max_tokens: int | None = None, *,
-                          max_sites_per_run: int | None = None, run_timeout: float | None = None) -> TraceSpec:
+                          max_sites_per_run: int | None = None, run_timeout: float | None = None,
+                          elementwise: bool | None = None) -> TraceSpec:
     """Discover a universal model's addresses from ``num_traces`` eager pilot runs.
 
     Addresses are numbered in order of first appearance. ``max_tokens`` (default: 25%
@@ -69,7 +70,7 @@ def derive_universal_spec(model: Callable, observed: Sequence[str], key: jax.Arr
     the pilots' longest run plus 100; pilots themselves may reach at least
     :data:`~jaxic.tracing.limits.PILOT_MIN_SITES`) and ``run_timeout`` seconds (default
     :data:`~jaxic.tracing.limits.DEFAULT_RUN_TIMEOUT`; 0 or ``inf``: no limit). Both are
-    stored in the spec.
+    stored in the spec. ``elementwise`` as for :func:`~jaxic.tracing.derive_trace_spec`.
 
     Example:
         >>> spec = derive_universal_spec(model, ["obs"], jax.random.key(0), num_traces=512)
@@ -99,7 +100,7 @@ def derive_universal_spec(model: Callable, observed: Sequence[str], key: jax.Arr
                                  f"{shape}); jaxic needs a fixed observation shape (pad it and observe a mask).")
         length = 0
         for name, msg in _latent_messages(trace, observed):
-            site = latent_site(name, msg, 0)
+            site = latent_site(name, msg, 0, elementwise)
             known = sites.setdefault(name, site)
             if known != site:
                 raise ModelError(f"site '{name}' changes between runs ({known.dist_type} {known.batch_shape} vs "
@@ -158,7 +159,7 @@ def _encoder(site: LatentSite, width: int):
     @jax.jit
     def encode(fn, value):
         values, log_det = as_tokens(site, fn, value, width)
-        return values, log_det, site_mask(fn, site.batch_shape).reshape(-1)
+        return values, log_det, token_mask(site, fn)
 
     return encode
 
