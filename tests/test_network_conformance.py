@@ -63,7 +63,8 @@ def chain_model():
     a = numpyro.sample("a", dist.Normal(0.0, 1.0))
     k = numpyro.sample("k", dist.Categorical(probs=jnp.array([0.2, 0.3, 0.5])))
     b = numpyro.sample("b", dist.Normal(a + k, 1.0))
-    w = numpyro.sample("w", dist.Dirichlet(jnp.ones(3)))
+    # One token for the simplex (a vector inside a token); element-by-element tokens are plain scalar tokens.
+    w = numpyro.sample("w", dist.Dirichlet(jnp.ones(3)), infer={"jaxic": {"elementwise": False}})
     u = numpyro.sample("u", dist.Normal(b, 1.0), infer={"jaxic": {"propose": False}})
     s = numpyro.sample("s", dist.LogNormal(0.0, 0.5))
     numpyro.sample("obs", dist.Normal(jnp.stack([a + b, w[0] + u]), s))
