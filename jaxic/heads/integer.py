@@ -50,8 +50,8 @@ class IntegerMixtureHead:
         k = self.num_components
         mean = jnp.exp(jnp.clip(params[k : 2 * k], *_LOG_MEAN_RANGE))
         concentration = jnp.exp(jnp.clip(params[2 * k :], *_LOG_CONCENTRATION_RANGE))
-        variance = (mean + mean**2 / concentration) * factor**2
-        wider = mean**2 / jnp.maximum(variance - mean, 1e-6)
+        # mean**2 / (factor**2 * (mean + mean**2 / c) - mean), rearranged without the cancellation at factor 1.
+        wider = 1.0 / (factor**2 / concentration + (factor**2 - 1.0) / mean)
         return jnp.concatenate([params[:k] / factor, params[k : 2 * k],
                                 jnp.clip(jnp.log(wider), *_LOG_CONCENTRATION_RANGE)])
 
