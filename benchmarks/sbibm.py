@@ -4,16 +4,19 @@ Tasks: the NumPyro transcriptions in ``benchmarks/sbibm_tasks.py``; observations
 posterior draws per observation from sbibm's files (``benchmarks/sbibm_reference.py``; fetched on the
 first run with ``pip download sbibm==1.1.0 --no-deps``).
 
-For every task and simulation budget (``--simulations``: training steps x batch size, jaxic's defaults
-otherwise), one proposal is compiled and then, for each observation in ``--observations``:
+For every task and simulation budget (``--simulations``), one set of prior predictive simulations is
+drawn and both methods train on exactly that set, holding 10% out for early stopping: jaxic from it as
+an offline trace dataset (``jaxic.tracing.TraceWriter``; ``--epochs`` passes, at least ``--min-steps``
+and at most ``--max-steps`` optimisation steps, stopping after ``--patience`` validations without a
+better held-out loss and restoring the best parameters), sbi's NPE as ``append_simulations``. Then, for
+each observation in ``--observations``:
 
 * **raw**: ``--draws`` raw proposal draws (``compiled.sample``) against as many reference draws;
 * **IS**: ``--draws`` draws resampled from ``--oversample`` times as many importance particles (so that
   repeated particles stay rare: the classifier would otherwise tell the sets apart by memorising points),
   with the particles' ESS/N;
 * **sbi NPE** (when the ``sbi`` package is installed, ``--peers npe``): sbi's default NPE trained on the
-  very same simulations (the jaxic run's training draws are regenerated from the model with the same
-  number of simulations), ``--draws`` samples per observation.
+  very same simulations, ``--draws`` samples per observation.
 
 C2ST is ``jaxic.diagnostics.c2st`` (sbibm's protocol: MLP with two hidden layers of 10 x dim, 5-fold
 cross-validation, z-scored on the reference). The table goes to stdout and to the section
@@ -29,6 +32,7 @@ from __future__ import annotations
 import importlib.util
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,21 +42,56 @@ import numpy as np
 
 import jaxic
 from jaxic.diagnostics import c2st
+from jaxic.tracing import TraceDataset, TraceWriter, derive_trace_spec, trace_to_tokens
+from numpyro import handlers
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from results_io import benchmark_parser, environment_lines, publish  # noqa: E402
 import sbibm_reference as reference  # noqa: E402
-from sbibm_tasks import TASKS  # noqa: E402
+from sbibm_tasks import TASKS, simulate  # noqa: E402
 
 HEADING = "## SBI benchmark: C2ST against sbibm's reference posteriors (benchmarks/sbibm.py)"
 
 
-def jaxic_runs(task, simulations: int, args) -> list[dict]:
-    steps = max(simulations // args.batch_size, 1)
+def simulations_for(task, simulations: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``simulations`` prior predictive draws (theta, x): the one training set both methods see."""
+    key_theta, key_x = jax.random.split(jax.random.key(seed))
+    theta = np.asarray(task.prior_sample(key_theta, simulations))
+    x = np.asarray(simulate(task, key_x, theta))
+    finite = np.isfinite(x).all(axis=1)  # ODE solves that did not finish: sbibm drops them too
+    if not finite.all():
+        print(f"{task.name}: {int((~finite).sum())} of {simulations} simulations did not finish and are dropped",
+              file=sys.stderr)
+    return theta[finite], x[finite]
+
+
+def write_dataset(task, theta: np.ndarray, x: np.ndarray, folder: Path) -> Path:
+    """The simulations as a jaxic trace dataset: the model conditioned on each (theta, x), as tokens."""
+    spec = derive_trace_spec(task.model, ["obs"])
+
+    def tokens(t, obs):
+        trace = handlers.trace(handlers.seed(handlers.condition(task.model, {"theta": t, "obs": obs}),
+                                             jax.random.key(0))).get_trace()
+        return trace_to_tokens(spec, trace)
+
+    batch = jax.jit(jax.vmap(tokens))(jnp.asarray(theta), jnp.asarray(x, jnp.float32))
+    with TraceWriter(folder, spec, shard_size=len(theta)) as writer:
+        writer.add(*batch)
+    return folder
+
+
+def jaxic_runs(task, theta: np.ndarray, x: np.ndarray, args, folder: Path) -> list[dict]:
+    """jaxic defaults trained on the fixed simulations (10% held out for early stopping, as sbi does)."""
+    simulations = len(theta)
+    holdout = max(simulations // 10, 1)
+    per_epoch = max((simulations - holdout) // args.batch_size, 1)
+    steps = min(max(args.epochs * per_epoch, args.min_steps), args.max_steps)
     start = time.perf_counter()
-    compiled = jaxic.compile(task.model, ["obs"], jax.random.key(args.seed), num_steps=steps,
-                             batch_size=args.batch_size, progress=False)
+    dataset = TraceDataset(write_dataset(task, theta, x, folder), holdout=holdout)
+    compiled = jaxic.compile(task.model, ["obs"], jax.random.key(args.seed), num_steps=steps, dataset=dataset,
+                             batch_size=args.batch_size, validation_size=holdout, patience=args.patience,
+                             progress=False)
     train_s = time.perf_counter() - start
     rows = []
     for k in args.observations:
@@ -63,43 +102,51 @@ def jaxic_runs(task, simulations: int, args) -> list[dict]:
         post = compiled.posterior(jax.random.key(20 + k), obs, args.draws * args.oversample)
         resampled = np.asarray(post.resample(jax.random.key(30 + k), args.draws)["theta"])
         sample_s = time.perf_counter() - start
-        rows.append({"task": task.name, "simulations": steps * args.batch_size, "observation": k,
-                     "method": "jaxic", "train_s": train_s, "sample_s": sample_s,
-                     "c2st_raw": c2st(raw, ref), "c2st_is": c2st(resampled, ref),
+        rows.append({"task": task.name, "simulations": simulations, "observation": k, "method": "jaxic",
+                     "train_s": train_s, "sample_s": sample_s, "steps": compiled.step,
+                     "best_step": compiled.best_step, "c2st_raw": c2st(raw, ref), "c2st_is": c2st(resampled, ref),
                      "ess_fraction": float(post.ess) / post.num_samples})
     return rows
 
 
-def npe_runs(task, simulations: int, args) -> list[dict]:
-    """sbi's NPE (default density estimator and training loop) on ``simulations`` prior predictive draws."""
+def npe_runs(task, theta: np.ndarray, x: np.ndarray, args, folder: Path) -> list[dict]:
+    """sbi's NPE (default density estimator and training loop) on the same simulations; its TensorBoard
+    log goes to ``folder`` (by default sbi writes ``sbi-logs/`` into the working directory)."""
     import torch
     from sbi.inference import NPE
+    from torch.utils.tensorboard import SummaryWriter
 
-    key_theta, key_x = jax.random.split(jax.random.key(args.seed))
-    from sbibm_tasks import simulate
-    theta = task.prior_sample(key_theta, simulations)
-    x = simulate(task, key_x, theta)
+    torch.manual_seed(args.seed)
     start = time.perf_counter()
-    inference = NPE()
-    inference.append_simulations(torch.as_tensor(np.asarray(theta)), torch.as_tensor(np.asarray(x, np.float32)))
+    inference = NPE(show_progress_bars=False, summary_writer=SummaryWriter(log_dir=str(folder)))
+    inference.append_simulations(torch.as_tensor(theta, dtype=torch.float32), torch.as_tensor(x, dtype=torch.float32))
     estimator = inference.train(show_train_summary=False)
     posterior = inference.build_posterior(estimator)
     train_s = time.perf_counter() - start
+    epochs = inference.summary["epochs_trained"][-1] if "epochs_trained" in inference.summary else None
     rows = []
     for k in args.observations:
         ref = np.asarray(reference.reference_posterior(task.name, k))[: args.draws]
         start = time.perf_counter()
         obs = torch.as_tensor(np.asarray(reference.observation(task.name, k), np.float32).reshape(1, -1))
         draws = posterior.sample((args.draws,), x=obs, show_progress_bars=False).numpy()
-        rows.append({"task": task.name, "simulations": simulations, "observation": k, "method": "sbi NPE",
-                     "train_s": train_s, "sample_s": time.perf_counter() - start,
+        rows.append({"task": task.name, "simulations": len(theta), "observation": k, "method": "sbi NPE",
+                     "train_s": train_s, "sample_s": time.perf_counter() - start, "steps": epochs,
                      "c2st_raw": c2st(draws, ref), "c2st_is": float("nan"), "ess_fraction": float("nan")})
     return rows
 
 
+def trained(row: dict) -> str:
+    """How long the method trained: jaxic's steps (and the restored best), sbi's epochs."""
+    if row["method"] == "jaxic":
+        return f"{row['steps']:,} steps (best {row['best_step']:,})"
+    return "-" if row["steps"] is None else f"{row['steps']} epochs"
+
+
 def table(rows: list[dict]) -> list[str]:
     lines = ["| task | simulations | method | observations | C2ST raw mean / worst | C2ST after IS mean / worst | "
-             "ESS/N mean | training s | sampling s per observation |", "|---|---:|---|---:|---|---|---:|---:|---:|"]
+             "ESS/N mean | training s | trained | sampling s per observation |",
+             "|---|---:|---|---:|---|---|---:|---:|---|---:|"]
     groups = dict.fromkeys((r["task"], r["simulations"], r["method"]) for r in rows)
     for task, simulations, method in groups:
         rs = [r for r in rows if (r["task"], r["simulations"], r["method"]) == (task, simulations, method)]
@@ -107,7 +154,7 @@ def table(rows: list[dict]) -> list[str]:
                             if np.isfinite(rs[0][key]) else "-")
         ess = statistics.mean(r["ess_fraction"] for r in rs)
         lines.append(f"| {task} | {simulations:,} | {method} | {len(rs)} | {cell('c2st_raw')} | {cell('c2st_is')} | "
-                     f"{'-' if not np.isfinite(ess) else f'{ess:.3f}'} | {rs[0]['train_s']:.0f} | "
+                     f"{'-' if not np.isfinite(ess) else f'{ess:.3f}'} | {rs[0]['train_s']:.0f} | {trained(rs[0])} | "
                      f"{statistics.mean(r['sample_s'] for r in rs):.1f} |")
     return lines
 
@@ -120,6 +167,11 @@ def parse_args(argv):
     parser.add_argument("--draws", type=int, default=10_000, help="draws compared with the reference")
     parser.add_argument("--oversample", type=int, default=20, help="IS particles per resampled draw")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=40, help="jaxic: passes over the simulations at most")
+    parser.add_argument("--min-steps", type=int, default=5000, help="jaxic: optimisation steps at least")
+    parser.add_argument("--max-steps", type=int, default=20_000, help="jaxic: optimisation steps at most")
+    parser.add_argument("--patience", type=int, default=6,
+                        help="jaxic: validations (20 per run) without a better held-out loss before stopping")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peers", nargs="*", default=["npe"], choices=["npe"])
     return parser.parse_args(argv)
@@ -132,19 +184,25 @@ def main(argv=None) -> None:
     peers = args.peers if importlib.util.find_spec("sbi") is not None else []
     if args.peers and not peers:
         print("sbi is not installed (pip install sbi): running jaxic only", file=sys.stderr)
+    peer_note = ", ".join(peers) if peers else ("none (sbi not installed)" if args.peers else "none")
     rows = []
-    for name in args.tasks:
-        for simulations in args.simulations:
-            new = jaxic_runs(TASKS[name], simulations, args)
-            if "npe" in peers:
-                new += npe_runs(TASKS[name], simulations, args)
-            rows += new
-            print("\n".join(table(new)[2:]), flush=True)
+    with tempfile.TemporaryDirectory(prefix="jaxic-sbibm-") as scratch:
+        for name in args.tasks:
+            for simulations in args.simulations:
+                theta, x = simulations_for(TASKS[name], simulations, args.seed)
+                new = jaxic_runs(TASKS[name], theta, x, args, Path(scratch) / f"{name}-{simulations}")
+                if "npe" in peers:
+                    new += npe_runs(TASKS[name], theta, x, args, Path(scratch) / f"{name}-{simulations}-sbi-logs")
+                rows += new
+                print("\n".join(table(new)[2:]), flush=True)
     body = environment_lines("sbibm.py", argv) + [
-        f"- Protocol: jaxic defaults with batch size {args.batch_size} (simulations = steps x batch size); "
-        f"{args.draws:,} draws per observation against as many reference draws; IS draws resampled from "
+        f"- Protocol: both methods train on the same simulations (prior predictive draws, seed {args.seed}), "
+        f"10% held out for early stopping. jaxic: its defaults, batch size {args.batch_size}, "
+        f"min(max({args.epochs} epochs, {args.min_steps:,} steps), {args.max_steps:,} steps), patience {args.patience} "
+        f"validations, best validated parameters restored; sbi: NPE() with its default estimator and "
+        f"training loop. {args.draws:,} draws per observation against as many reference draws; IS draws resampled from "
         f"{args.oversample}x as many particles; C2ST = jaxic.diagnostics.c2st (sbibm's classifier and folds); "
-        f"peers: {', '.join(peers) or 'none (sbi not installed)'}.", "", *table(rows)]
+        f"peers: {peer_note}.", "", *table(rows)]
     publish(args.output, HEADING, body, write=not args.no_write)
 
 

@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxic import checkpoint, loops, parallel, proposal as core, training
@@ -28,7 +27,8 @@ from jaxic.callbacks import TrainingRecord
 from jaxic import validation as checks
 from jaxic.errors import CheckpointError, JaxicError, ModelError, ObservationError
 from jaxic.inference import Posterior, predictive
-from jaxic.networks import NETWORKS, config_from_metadata
+from jaxic.networks import (NETWORKS, config_from_metadata, embedder_metadata, embedders_from_metadata,
+                            resolve_embedders)
 from jaxic import objectives
 from jaxic.objectives import OBJECTIVES, forward_kl_loss
 from jaxic.tracing import TraceDataset, TraceSpec, derive_trace_spec, sample_universal
@@ -482,6 +482,7 @@ def checkpoint_metadata(compiled: CompiledModel) -> dict:
     return {
         "trace_spec": compiled.spec.to_json(),
         "network": {"type": network_name, "config": dataclasses.asdict(compiled.network_config)},
+        "observation_embedders": embedder_metadata(dict(compiled.template.observation_embedders)),
         "train_config": dataclasses.asdict(compiled.train_config),
         "objective": objective_metadata(compiled.objective),
         "local_plate": None if compiled.plate is None else dataclasses.asdict(compiled.plate),
@@ -613,7 +614,7 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
             model_args: Sequence = (), model_kwargs: Mapping | None = None,
             network: Any = None, optimizer: optax.GradientTransformation | None = None,
             batch_size: int = 64, learning_rate: float = 3e-3, validation_size: int = 1024,
-            microbatch_size: int | None = None, observation_embedders: Mapping[str, nnx.Module] | None = None,
+            microbatch_size: int | None = None, observation_embedders: Mapping[str, Any] | None = None,
             path: str = "auto", dataset: TraceDataset | str | os.PathLike | None = None,
             pilot_traces: int = 256, max_tokens: int | None = None, objective: Any = None,
             data: Mapping[str, Any] | None = None, local_plate: str | None = None,
@@ -645,8 +646,10 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
         microbatch_size: masked path: process each batch in slices of this many traces (a divisor of
             ``batch_size``) and average their gradients: memory and, on CPUs, cache use scale with the
             slice (for long traces: see :func:`jaxic.training.build_step`).
-        observation_embedders: per observed site, an ``nnx.Module`` mapping the observation to a
-            ``(d_model,)`` vector (default: an MLP on the normalised, flattened value).
+        observation_embedders: per observed site, an embedder configuration from ``jaxic.networks.EMBEDDERS``
+            (e.g. ``jaxic.networks.SeriesConvEmbedding(channels=3)`` for time series; recorded in checkpoints),
+            its name (``"series_conv"``), or an ``nnx.Module`` mapping the observation to a ``(d_model,)`` vector
+            (default: an MLP on the standardised, flattened value).
         path: ``"masked"`` runs the model vmapped under jit (stochastic control flow written with
             ``handlers.mask``, ``cond``, ``scan``); ``"universal"`` runs it eagerly, for Python control
             flow on sampled values; ``"auto"`` (default) takes the masked path when the model jits
@@ -699,6 +702,7 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
                              "configuration such as jaxic.networks.LSTMConfig(lstm_dim=128).")
         network = NETWORKS[network]()
     training.num_microbatches(batch_size, microbatch_size)  # fail before tracing the model
+    observation_embedders = resolve_embedders(observation_embedders, observed)
     train_config = TrainConfig(num_steps=num_steps, batch_size=batch_size, learning_rate=learning_rate,
                                validation_size=validation_size, custom_optimizer=optimizer is not None,
                                microbatch_size=microbatch_size,
@@ -721,7 +725,7 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
 
 def load(path: str | os.PathLike, model: Callable, *, model_args: Sequence = (), model_kwargs: Mapping | None = None,
          optimizer: optax.GradientTransformation | None = None,
-         observation_embedders: Mapping[str, nnx.Module] | None = None,
+         observation_embedders: Mapping[str, Any] | None = None,
          dataset: TraceDataset | str | os.PathLike | None = None,
          data: Mapping[str, Any] | None = None, devices: Any = None) -> CompiledModel:
     """Load a proposal saved with :meth:`CompiledModel.save` for ``model``.
@@ -769,6 +773,9 @@ def load(path: str | os.PathLike, model: Callable, *, model_args: Sequence = (),
         dataset = TraceDataset(dataset, holdout=train_config.validation_size)
     objective_meta = metadata.get("objective", {"name": "forward_kl", "options": {}})
     objective = OBJECTIVES[objective_meta["name"]](**objective_meta["options"])
+    # Embedders chosen by configuration are rebuilt from the checkpoint; modules built by hand come from the caller.
+    observation_embedders = {**embedders_from_metadata(metadata.get("observation_embedders", {})),
+                             **dict(observation_embedders or {})}
     compiled = _assemble(model, model_args, model_kwargs, observed, compile_key, network_config,
                          dataclasses.replace(train_config, statistics_size=16), optimizer, observation_embedders,
                          dataset=dataset, spec=saved_spec if saved_spec.dynamic else None, objective=objective,

@@ -30,7 +30,8 @@ from jaxic.errors import JaxicError, ModelError, ObservationError, UntraceableMo
 from jaxic.heads import heads_for
 from jaxic.inference import Posterior
 from jaxic.inference.importance import DEFENSIVE_SCALE, EagerDecoder, importance_sample_eager, sample_particles
-from jaxic.networks import FeedForwardConfig, ProposalStatistics, TransformerConfig, proposal_statistics
+from jaxic.networks import FeedForwardConfig, ProposalStatistics, TransformerConfig, proposal_statistics, resolve_embedders
+from jaxic.networks.embedders import is_embedder_config
 from jaxic.objectives import LocalPlate, check_data_finite, forward_kl_loss
 from jaxic.tracing import (ParameterisedModel, TraceDataset, TraceSpec, abstract_trace, derive_trace_spec,
                            derive_universal_spec, find_model_params, pack_trace, sample_joint, sample_universal,
@@ -40,7 +41,8 @@ PATHS = ("auto", "masked", "universal")
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["params", "statistics", "model_params"],
-                   meta_fields=["graphdef", "spec", "model", "config", "plate", "param_constraints"])
+                   meta_fields=["graphdef", "spec", "model", "config", "plate", "param_constraints",
+                                "observation_embedders"])
 @dataclasses.dataclass(frozen=True)
 class Proposal:
     """A proposal network for one model: parameters as leaves, structure static.
@@ -62,6 +64,8 @@ class Proposal:
     config: Any  # the network configuration (jaxic.networks.TransformerConfig, ...)
     plate: LocalPlate | None = None
     param_constraints: tuple = ()  # ((name, constraint), ...) of the model's parameters
+    # ((site, configuration), ...) of the embedders chosen by configuration (checkpoints record them).
+    observation_embedders: tuple = ()
 
     @property
     def network(self) -> nnx.Module:
@@ -90,7 +94,7 @@ def bind(model: Callable, model_args: Sequence = (), model_kwargs: Mapping | Non
 def init(model: Callable, observed: Sequence[str], key: jax.Array, *, network: Any = None,
          model_args: Sequence = (), model_kwargs: Mapping | None = None, path: str = "auto",
          local_plate: str | None = None, data: Mapping[str, Any] | None = None,
-         observation_embedders: Mapping[str, nnx.Module] | None = None, statistics_size: int = 4096,
+         observation_embedders: Mapping[str, Any] | None = None, statistics_size: int = 4096,
          pilot_traces: int = 256, max_tokens: int | None = None, spec: TraceSpec | None = None,
          dataset: TraceDataset | None = None, max_sites_per_run: int | None = None,
          run_timeout: float | None = None) -> Proposal:
@@ -114,6 +118,7 @@ def init(model: Callable, observed: Sequence[str], key: jax.Array, *, network: A
             elementwise=PLATE_ELEMENTWISE if plate is not None else None,
             max_sites_per_run=max_sites_per_run, run_timeout=run_timeout)
     data = check_data(data, spec, plate)
+    observation_embedders = resolve_embedders(observation_embedders, spec.observed)
     model_params, param_constraints = find_model_params(full, init_key)
     if dataset is not None:
         tokens, observations = dataset.validation()
@@ -135,7 +140,9 @@ def init(model: Callable, observed: Sequence[str], key: jax.Array, *, network: A
     built = network.build(spec, stats, nnx.Rngs(init_key), observation_embedders)
     graphdef, params, statistics = nnx.split(built, nnx.Param, ...)
     return Proposal(params, statistics, model_params, graphdef, spec, bound, network, plate,
-                    tuple(sorted(param_constraints.items())))
+                    tuple(sorted(param_constraints.items())),
+                    tuple(sorted((site, value) for site, value in observation_embedders.items()
+                                 if is_embedder_config(value))))
 
 
 def check_data(data: Mapping | None, spec: TraceSpec, plate: LocalPlate | None = None) -> dict | None:

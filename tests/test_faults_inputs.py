@@ -18,7 +18,7 @@ from numpyro.distributions import constraints
 import jaxic
 from jaxic import validation
 from jaxic.errors import IndexOutOfRangeError, JaxicError, ObservationError, UnsupportedDistributionError
-from jaxic.networks import TransformerConfig
+from jaxic.networks import MLPEmbedding, SeriesConvEmbedding, TransformerConfig
 from jaxic.tracing import ObservedSite
 
 OBSERVED = ["y", "count", "size"]
@@ -258,6 +258,14 @@ BAD_COMPILE_ARGUMENTS = {
     "None model": (dict(model=None), r"model must be a NumPyro model function, got None"),
     "string model": (dict(model="model"), r"model must be a NumPyro model function, got 'model'"),
     "distribution model": (dict(model=dist.Normal(0.0, 1.0)), r"model must be .*got the distribution"),
+    "embedder for an unknown site": (dict(observation_embedders={"z": "mlp"}),
+                                     r"observation_embedders names 'z', which is not an observed site; the observed "
+                                     r"sites are \['y', 'count', 'size'\]"),
+    "unknown embedder name": (dict(observation_embedders={"y": "conv"}),
+                              r"observation_embedders\['y'\] = 'conv' is not a known embedder; choose one of"),
+    "embedder of the wrong type": (dict(observation_embedders={"y": 3}),
+                                   r"observation_embedders\['y'\] is a int; give an embedder configuration"),
+    "embedders not a dict": (dict(observation_embedders=["mlp"]), r"observation_embedders must be a dict"),
 }
 
 
@@ -269,6 +277,18 @@ def test_bad_compile_arguments_fail_before_the_model_runs(case):
         _compile(**changes)
     assert type(info.value) is JaxicError
     assert RUNS["model"] == runs
+
+
+@pytest.mark.parametrize("embedder, message", [
+    (SeriesConvEmbedding(channels=3), r"observed site 'y' has 2 values \(shape \(2,\)\), not a multiple of "
+                                      r"SeriesConvEmbedding\(channels=3\)"),
+    (SeriesConvEmbedding(kernel_size=0), r"observed site 'y': SeriesConvEmbedding\(kernel_size=0\) must be an integer >= 1"),
+    (SeriesConvEmbedding(num_layers=-1), r"SeriesConvEmbedding\(num_layers=-1\) must be an integer >= 0"),
+    (MLPEmbedding(hidden=2.5), r"observed site 'y': MLPEmbedding\(hidden=2.5\) must be an integer >= 1"),
+])
+def test_embedder_options_that_do_not_fit_the_site_name_it(embedder, message):
+    with pytest.raises(JaxicError, match=message):
+        _compile(observation_embedders={"y": embedder})
 
 
 def test_load_checks_the_model_before_the_checkpoint(tmp_path):

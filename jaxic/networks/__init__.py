@@ -16,9 +16,14 @@ add a new network there too):
   With ``defensive`` (a :class:`Defensive`), ``log_q`` is ``(2,)``: the proposal's and its widened heads'
   (``propose_token`` of the shared base does this).
 - Jitted and vmapped calls agree with eager ones.
+
+Observation embedders (per observed site, one observation to one token) have their own protocol and
+registry, ``EMBEDDERS``: see :mod:`jaxic.networks.embedders`.
 """
 
-from jaxic.networks.base import Defensive, ObservationMLP, ProposalNetworkBase, ProposalStatistics, Statistic, proposal_statistics
+from jaxic.networks.base import Defensive, ProposalNetworkBase, ProposalStatistics, proposal_statistics
+from jaxic.networks.embedders import (EMBEDDERS, MLPEmbedding, ObservationMLP, SeriesConv, SeriesConvEmbedding, Statistic,
+                                      embedder_metadata, embedders_from_metadata, resolve_embedders)
 from jaxic.networks.feedforward import FeedForwardConfig, FeedForwardProposal, FeedForwardState
 from jaxic.networks.lstm import LSTMConfig, LSTMProposal, LSTMState, ObservationSummary
 from jaxic.networks.transformer import Block, DecodeState, TransformerConfig, TransformerProposal
@@ -38,7 +43,8 @@ def config_from_metadata(name: str, fields: dict):
     return config_class(**{**getattr(config_class, "legacy_defaults", {}), **fields})
 
 
-__all__ = ["NETWORKS", "config_from_metadata", "Defensive", "ObservationMLP", "ProposalNetworkBase", "ProposalStatistics", "Statistic", "proposal_statistics",
+__all__ = ["NETWORKS", "config_from_metadata", "EMBEDDERS", "MLPEmbedding", "SeriesConv", "SeriesConvEmbedding",
+           "embedder_metadata", "embedders_from_metadata", "resolve_embedders", "Defensive", "ObservationMLP", "ProposalNetworkBase", "ProposalStatistics", "Statistic", "proposal_statistics",
            "Block", "DecodeState", "TransformerConfig", "TransformerProposal",
            "LSTMConfig", "LSTMProposal", "LSTMState", "ObservationSummary",
            "FeedForwardConfig", "FeedForwardProposal", "FeedForwardState"]

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jaxic.heads import ProposalHead, heads_for
+from jaxic.networks.embedders import ObservationMLP, Statistic, resolve_embedders
 from jaxic.tracing import TraceSpec, Tokens
 
 
@@ -25,10 +26,6 @@ class Defensive(NamedTuple):
 
     scale: jax.Array
     chosen: jax.Array
-
-
-class Statistic(nnx.Variable):
-    """Non-trainable moments of the joint samples (saved with the network, never optimised)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,24 +91,6 @@ def _finite_or(x: jax.Array, fallback: float) -> jax.Array:
     return jnp.where(jnp.isfinite(x), x, fallback)
 
 
-class ObservationMLP(nnx.Module):
-    """Default observation embedder: normalise, flatten, two-layer MLP to one token.
-
-    Any ``nnx.Module`` mapping one observation (the site's shape) to a ``(d_model,)``
-    vector can replace it per site, e.g. a CNN for images.
-    """
-
-    def __init__(self, size: int, d_model: int, hidden: int, loc, scale, *, rngs: nnx.Rngs):
-        self.loc = Statistic(jnp.asarray(loc))
-        self.scale = Statistic(jnp.asarray(scale))
-        self.hidden = nnx.Linear(size, hidden, rngs=rngs)
-        self.out = nnx.Linear(hidden, d_model, rngs=rngs)
-
-    def __call__(self, y):
-        z = (y.reshape(-1) - self.loc[...]) / self.scale[...]
-        return self.out(jax.nn.gelu(self.hidden(z)))
-
-
 class ProposalNetworkBase(nnx.Module):
     """Embeddings, standardisation and heads shared by all proposal networks."""
 
@@ -131,12 +110,18 @@ class ProposalNetworkBase(nnx.Module):
         self.value_scale = Statistic(stats.value_scale)
         self.base_params = Statistic(stats.base_params)
 
-        custom = dict(observation_embedders or {})
-        self.observation_embedders = nnx.List([
-            custom.pop(o.name) if o.name in custom else
-            ObservationMLP(o.size, d_model, obs_hidden, stats.obs_loc[o.name], stats.obs_scale[o.name], rngs=rngs)
-            for o in spec.observed
-        ])
+        custom = resolve_embedders(observation_embedders, spec.observed)
+
+        def embedder(o):
+            chosen = custom.get(o.name)
+            if isinstance(chosen, nnx.Module):
+                return chosen
+            loc, scale = stats.obs_loc[o.name], stats.obs_scale[o.name]
+            if chosen is not None:
+                return chosen.build(o, d_model, loc, scale, rngs=rngs)
+            return ObservationMLP(o.size, d_model, obs_hidden, loc, scale, rngs=rngs)
+
+        self.observation_embedders = nnx.List([embedder(o) for o in spec.observed])
         # Plain tables indexed with scalars (nnx.Embed mis-broadcasts scalar ids for one-row tables).
         table = lambda *shape: nnx.Param(0.02 * jax.random.normal(rngs.params(), shape))
         self.observed_site_embed = table(self.num_observed, d_model)

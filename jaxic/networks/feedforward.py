@@ -9,7 +9,7 @@ baseline that shows what conditioning on ``x_<t`` buys.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ class FeedForwardConfig:
     obs_hidden: int = 128
 
     def build(self, spec: TraceSpec, stats: ProposalStatistics, rngs: nnx.Rngs,
-              observation_embedders: Mapping[str, nnx.Module] | None = None) -> "FeedForwardProposal":
+              observation_embedders: Mapping[str, Any] | None = None) -> "FeedForwardProposal":
         return FeedForwardProposal(spec, stats, self, observation_embedders, rngs=rngs)
 
 
@@ -56,7 +56,7 @@ class FeedForwardProposal(ProposalNetworkBase):
     """
 
     def __init__(self, spec: TraceSpec, stats: ProposalStatistics, config: FeedForwardConfig,
-                 observation_embedders: Mapping[str, nnx.Module] | None = None, *, rngs: nnx.Rngs):
+                 observation_embedders: Mapping[str, Any] | None = None, *, rngs: nnx.Rngs):
         super().__init__(spec, stats, config.d_model, config.num_components, config.obs_hidden,
                          observation_embedders, rngs=rngs)
         self.observation_summary = ObservationSummary(self.num_observed, config.d_model,

@@ -12,7 +12,7 @@ stochastic control flow is handled exactly as by the transformer. One
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +57,7 @@ class LSTMConfig:
                    address_embedding_dim=64, distribution_type_embedding_dim=8, num_components=10, obs_hidden=256)
 
     def build(self, spec: TraceSpec, stats: ProposalStatistics, rngs: nnx.Rngs,
-              observation_embedders: Mapping[str, nnx.Module] | None = None) -> "LSTMProposal":
+              observation_embedders: Mapping[str, Any] | None = None) -> "LSTMProposal":
         return LSTMProposal(spec, stats, self, observation_embedders, rngs=rngs)
 
 
@@ -98,7 +98,7 @@ class LSTMProposal(ProposalNetworkBase):
     """
 
     def __init__(self, spec: TraceSpec, stats: ProposalStatistics, config: LSTMConfig,
-                 observation_embedders: Mapping[str, nnx.Module] | None = None, *, rngs: nnx.Rngs):
+                 observation_embedders: Mapping[str, Any] | None = None, *, rngs: nnx.Rngs):
         super().__init__(spec, stats, config.lstm_dim, config.num_components, config.obs_hidden,
                          observation_embedders, rngs=rngs)
         self.observation_summary = ObservationSummary(self.num_observed, config.lstm_dim,

@@ -16,7 +16,7 @@ site that could come next (at M = 200 nuisance sites it could not).
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,7 @@ class TransformerConfig:
     legacy_defaults = {"next_site_query": False}
 
     def build(self, spec: TraceSpec, stats: ProposalStatistics, rngs: nnx.Rngs,
-              observation_embedders: Mapping[str, nnx.Module] | None = None) -> "TransformerProposal":
+              observation_embedders: Mapping[str, Any] | None = None) -> "TransformerProposal":
         return TransformerProposal(spec, stats, self, observation_embedders, rngs=rngs)
 
 
@@ -123,7 +123,7 @@ class TransformerProposal(ProposalNetworkBase):
     """
 
     def __init__(self, spec: TraceSpec, stats: ProposalStatistics, config: TransformerConfig,
-                 observation_embedders: Mapping[str, nnx.Module] | None = None, *, rngs: nnx.Rngs):
+                 observation_embedders: Mapping[str, Any] | None = None, *, rngs: nnx.Rngs):
         super().__init__(spec, stats, config.d_model, config.num_components, config.obs_hidden,
                          observation_embedders, rngs=rngs)
         self.blocks = nnx.List([Block(config.d_model, config.num_heads, config.mlp_ratio, rngs=rngs)
