@@ -159,6 +159,50 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per task, simulation budget and method: mean and worst C2ST over the observations (NaN: not scored)."""
+    out = []
+    for key in dict.fromkeys((r["task"], r["simulations"], r["method"]) for r in rows):
+        rs = [r for r in rows if (r["task"], r["simulations"], r["method"]) == key]
+        cell = {}
+        for score in ("c2st_raw", "c2st_is"):
+            values = np.array([r[score] for r in rs])
+            cell[score] = (float(values.mean()), float(values.max()))
+        out.append({"task": key[0], "simulations": key[1], "method": key[2], **cell})
+    return out
+
+
+def figure(summary: list[dict], path: Path) -> None:
+    """Bars of mean C2ST per task and budget (sbi NPE, jaxic raw, jaxic after IS); ticks mark the worst observation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys((s["task"], s["simulations"]) for s in summary))
+    series = [("sbi NPE", "c2st_raw", "sbi NPE"), ("jaxic", "c2st_raw", "jaxic raw"), ("jaxic", "c2st_is", "jaxic after IS")]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups)), 3.6))
+    width = 0.8 / len(series)
+    for j, (method, score, label) in enumerate(series):
+        xs, means, worsts = [], [], []
+        for i, group in enumerate(groups):
+            match = [s for s in summary if (s["task"], s["simulations"]) == group and s["method"] == method]
+            if match and np.isfinite(match[0][score][0]):
+                xs.append(i + (j - 1) * width)
+                means.append(match[0][score][0])
+                worsts.append(match[0][score][1])
+        ax.bar(xs, np.array(means) - 0.5, width, bottom=0.5, label=label)
+        ax.plot(xs, worsts, "k_", ms=10)
+    ax.axhline(0.55, color="grey", ls="--", lw=1)
+    ax.set_xticks(range(len(groups)), [f"{t}\n{n:,}" for t, n in groups], fontsize=8)
+    ax.set(ylabel="C2ST (0.5 = indistinguishable)", ylim=(0.45, 1.0),
+           title="sbibm: mean over observations (bars), worst observation (ticks)")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def parse_args(argv):
     parser = benchmark_parser(__doc__, HERE / "RESULTS.md")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -174,6 +218,8 @@ def parse_args(argv):
                         help="jaxic: validations (20 per run) without a better held-out loss before stopping")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peers", nargs="*", default=["npe"], choices=["npe"])
+    parser.add_argument("--figure", type=Path, default=HERE / "figures" / "sbibm_c2st.png",
+                        help="where the C2ST bar chart goes (not written with --no-write)")
     return parser.parse_args(argv)
 
 
@@ -203,6 +249,9 @@ def main(argv=None) -> None:
         f"training loop. {args.draws:,} draws per observation against as many reference draws; IS draws resampled from "
         f"{args.oversample}x as many particles; C2ST = jaxic.diagnostics.c2st (sbibm's classifier and folds); "
         f"peers: {peer_note}.", "", *table(rows)]
+    if not args.no_write:
+        figure(summarise(rows), args.figure)
+        body.append(f"\n- Figure: `{args.figure.resolve().relative_to(HERE.parent)}`")
     publish(args.output, HEADING, body, write=not args.no_write)
 
 
