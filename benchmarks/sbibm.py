@@ -19,9 +19,11 @@ each observation in ``--observations``:
   very same simulations, ``--draws`` samples per observation.
 
 C2ST is ``jaxic.diagnostics.c2st`` (sbibm's protocol: MLP with two hidden layers of 10 x dim, 5-fold
-cross-validation, z-scored on the reference). The table goes to stdout and to the section
+cross-validation, z-scored on the reference). Each (task, budget, method) measured is kept, with its
+per-observation rows and the run that made it, in ``--results`` (``benchmarks/results/sbibm.json``), so
+that runs of different tasks add up; the table of everything kept goes to stdout and to the section
 ``## SBI benchmark: C2ST against sbibm's reference posteriors (benchmarks/sbibm.py)`` of
-``benchmarks/RESULTS.md``.
+``benchmarks/RESULTS.md``, with the bar chart ``--figure``.
 
     python benchmarks/sbibm.py                                                # all tasks, 10k and 100k, obs 1-10
     python benchmarks/sbibm.py --tasks two_moons --simulations 10000 --observations 1 2 --draws 2000 --no-write
@@ -30,7 +32,7 @@ cross-validation, z-scored on the reference). The table goes to stdout and to th
 from __future__ import annotations
 
 import importlib.util
-import statistics
+import json
 import sys
 import tempfile
 import time
@@ -47,7 +49,7 @@ from numpyro import handlers
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from results_io import benchmark_parser, environment_lines, publish  # noqa: E402
+from results_io import benchmark_parser, environment_lines, publish, repo_relative, write_results_json  # noqa: E402
 import sbibm_reference as reference  # noqa: E402
 from sbibm_tasks import TASKS, simulate  # noqa: E402
 
@@ -143,49 +145,69 @@ def trained(row: dict) -> str:
     return "-" if row["steps"] is None else f"{row['steps']} epochs"
 
 
-def table(rows: list[dict]) -> list[str]:
+def summarise(rows: list[dict], run: dict) -> list[dict]:
+    """Per task, simulation budget and method, what the table and the figure show: C2ST raw and after IS
+    as (mean, worst) over the observations (NaN: not scored), ESS/N, times; with ``run`` (date, command)
+    and the per-observation ``rows`` themselves."""
+    groups = []
+    for key in dict.fromkeys((r["task"], r["simulations"], r["method"]) for r in rows):
+        rs = [r for r in rows if (r["task"], r["simulations"], r["method"]) == key]
+        scores = {score: [float(np.mean([r[score] for r in rs])), float(np.max([r[score] for r in rs]))]
+                  for score in ("c2st_raw", "c2st_is")}
+        groups.append({"task": key[0], "simulations": key[1], "method": key[2],
+                       "observations": [r["observation"] for r in rs], **scores,
+                       "ess_fraction": float(np.mean([r["ess_fraction"] for r in rs])),
+                       "train_s": rs[0]["train_s"], "trained": trained(rs[0]),
+                       "sample_s": float(np.mean([r["sample_s"] for r in rs])), "run": run, "rows": rs})
+    return groups
+
+
+def merge(stored: list[dict], new: list[dict]) -> list[dict]:
+    """``stored`` groups with those of ``new`` put in place of the same (task, budget, method), or
+    appended; ordered by task, budget and method."""
+    key = lambda g: (g["task"], g["simulations"], g["method"])
+    fresh = {key(g): g for g in new}
+    kept = [g for g in stored if key(g) not in fresh] + list(fresh.values())
+    order = list(TASKS)
+    return sorted(kept, key=lambda g: (order.index(g["task"]) if g["task"] in order else len(order), *key(g)[1:]))
+
+
+def load_groups(path: Path) -> list[dict]:
+    """The groups stored by earlier runs (none if ``path`` does not exist)."""
+    return json.loads(path.read_text())["groups"] if path.exists() else []
+
+
+def table(groups: list[dict]) -> list[str]:
+    """The markdown table of ``groups``, and below it the runs the rows come from."""
+    runs = list(dict.fromkeys((g["run"]["date"], g["run"]["command"]) for g in groups))
+    cell = lambda pair: "-" if not np.isfinite(pair[0]) else f"{pair[0]:.3f} / {pair[1]:.3f}"
     lines = ["| task | simulations | method | observations | C2ST raw mean / worst | C2ST after IS mean / worst | "
-             "ESS/N mean | training s | trained | sampling s per observation |",
-             "|---|---:|---|---:|---|---|---:|---:|---|---:|"]
-    groups = dict.fromkeys((r["task"], r["simulations"], r["method"]) for r in rows)
-    for task, simulations, method in groups:
-        rs = [r for r in rows if (r["task"], r["simulations"], r["method"]) == (task, simulations, method)]
-        cell = lambda key: (f"{statistics.mean(r[key] for r in rs):.3f} / {max(r[key] for r in rs):.3f}"
-                            if np.isfinite(rs[0][key]) else "-")
-        ess = statistics.mean(r["ess_fraction"] for r in rs)
-        lines.append(f"| {task} | {simulations:,} | {method} | {len(rs)} | {cell('c2st_raw')} | {cell('c2st_is')} | "
-                     f"{'-' if not np.isfinite(ess) else f'{ess:.3f}'} | {rs[0]['train_s']:.0f} | {trained(rs[0])} | "
-                     f"{statistics.mean(r['sample_s'] for r in rs):.1f} |")
+             "ESS/N mean | training s | trained | sampling s per observation | run |",
+             "|---|---:|---|---:|---|---|---:|---:|---|---:|---:|"]
+    for g in groups:
+        ess = "-" if not np.isfinite(g["ess_fraction"]) else f"{g['ess_fraction']:.3f}"
+        run = runs.index((g["run"]["date"], g["run"]["command"])) + 1
+        lines.append(f"| {g['task']} | {g['simulations']:,} | {g['method']} | {len(g['observations'])} | "
+                     f"{cell(g['c2st_raw'])} | {cell(g['c2st_is'])} | {ess} | {g['train_s']:.0f} | {g['trained']} | "
+                     f"{g['sample_s']:.1f} | {run} |")
+    lines += ["", "Runs:"] + [f"{i}. {date}: `{command}`" for i, (date, command) in enumerate(runs, 1)]
     return lines
 
 
-def summarise(rows: list[dict]) -> list[dict]:
-    """Per task, simulation budget and method: mean and worst C2ST over the observations (NaN: not scored)."""
-    out = []
-    for key in dict.fromkeys((r["task"], r["simulations"], r["method"]) for r in rows):
-        rs = [r for r in rows if (r["task"], r["simulations"], r["method"]) == key]
-        cell = {}
-        for score in ("c2st_raw", "c2st_is"):
-            values = np.array([r[score] for r in rs])
-            cell[score] = (float(values.mean()), float(values.max()))
-        out.append({"task": key[0], "simulations": key[1], "method": key[2], **cell})
-    return out
-
-
-def figure(summary: list[dict], path: Path) -> None:
+def figure(groups: list[dict], path: Path) -> None:
     """Bars of mean C2ST per task and budget (sbi NPE, jaxic raw, jaxic after IS); ticks mark the worst observation."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(dict.fromkeys((s["task"], s["simulations"]) for s in summary))
+    pairs = list(dict.fromkeys((g["task"], g["simulations"]) for g in groups))
     series = [("sbi NPE", "c2st_raw", "sbi NPE"), ("jaxic", "c2st_raw", "jaxic raw"), ("jaxic", "c2st_is", "jaxic after IS")]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups)), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(pairs)), 3.6))
     width = 0.8 / len(series)
     for j, (method, score, label) in enumerate(series):
         xs, means, worsts = [], [], []
-        for i, group in enumerate(groups):
-            match = [s for s in summary if (s["task"], s["simulations"]) == group and s["method"] == method]
+        for i, pair in enumerate(pairs):
+            match = [g for g in groups if (g["task"], g["simulations"]) == pair and g["method"] == method]
             if match and np.isfinite(match[0][score][0]):
                 xs.append(i + (j - 1) * width)
                 means.append(match[0][score][0])
@@ -193,7 +215,7 @@ def figure(summary: list[dict], path: Path) -> None:
         ax.bar(xs, np.array(means) - 0.5, width, bottom=0.5, label=label)
         ax.plot(xs, worsts, "k_", ms=10)
     ax.axhline(0.55, color="grey", ls="--", lw=1)
-    ax.set_xticks(range(len(groups)), [f"{t}\n{n:,}" for t, n in groups], fontsize=8)
+    ax.set_xticks(range(len(pairs)), [f"{t}\n{n:,}" for t, n in pairs], fontsize=8)
     ax.set(ylabel="C2ST (0.5 = indistinguishable)", ylim=(0.45, 1.0),
            title="sbibm: mean over observations (bars), worst observation (ticks)")
     ax.legend(fontsize=8, loc="upper right")
@@ -218,6 +240,8 @@ def parse_args(argv):
                         help="jaxic: validations (20 per run) without a better held-out loss before stopping")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peers", nargs="*", default=["npe"], choices=["npe"])
+    parser.add_argument("--results", type=Path, default=HERE / "results" / "sbibm.json",
+                        help="the measured groups, kept across runs (not read or written with --no-write)")
     parser.add_argument("--figure", type=Path, default=HERE / "figures" / "sbibm_c2st.png",
                         help="where the C2ST bar chart goes (not written with --no-write)")
     return parser.parse_args(argv)
@@ -231,27 +255,34 @@ def main(argv=None) -> None:
     if args.peers and not peers:
         print("sbi is not installed (pip install sbi): running jaxic only", file=sys.stderr)
     peer_note = ", ".join(peers) if peers else ("none (sbi not installed)" if args.peers else "none")
-    rows = []
+    environment = environment_lines("sbibm.py", argv)
+    run = {"date": environment[1].removeprefix("- Date: "), "command": environment[3].removeprefix("- Command: ").strip("`")}
+    groups = [] if args.no_write else load_groups(args.results)
     with tempfile.TemporaryDirectory(prefix="jaxic-sbibm-") as scratch:
         for name in args.tasks:
             for simulations in args.simulations:
                 theta, x = simulations_for(TASKS[name], simulations, args.seed)
-                new = jaxic_runs(TASKS[name], theta, x, args, Path(scratch) / f"{name}-{simulations}")
+                rows = jaxic_runs(TASKS[name], theta, x, args, Path(scratch) / f"{name}-{simulations}")
                 if "npe" in peers:
-                    new += npe_runs(TASKS[name], theta, x, args, Path(scratch) / f"{name}-{simulations}-sbi-logs")
-                rows += new
-                print("\n".join(table(new)[2:]), flush=True)
-    body = environment_lines("sbibm.py", argv) + [
+                    rows += npe_runs(TASKS[name], theta, x, args, Path(scratch) / f"{name}-{simulations}-sbi-logs")
+                new = summarise(rows, run)
+                print("\n".join(table(new)[2:-3]), flush=True)
+                groups = merge(groups, new)
+                if not args.no_write:  # after every budget, so a run stopped later keeps what it measured
+                    write_results_json(args.results, {"groups": groups})
+    body = environment + [
         f"- Protocol: both methods train on the same simulations (prior predictive draws, seed {args.seed}), "
         f"10% held out for early stopping. jaxic: its defaults, batch size {args.batch_size}, "
         f"min(max({args.epochs} epochs, {args.min_steps:,} steps), {args.max_steps:,} steps), patience {args.patience} "
         f"validations, best validated parameters restored; sbi: NPE() with its default estimator and "
         f"training loop. {args.draws:,} draws per observation against as many reference draws; IS draws resampled from "
         f"{args.oversample}x as many particles; C2ST = jaxic.diagnostics.c2st (sbibm's classifier and folds); "
-        f"peers: {peer_note}.", "", *table(rows)]
+        f"peers: {peer_note}.",
+        f"- The table holds every (task, budget, method) measured so far (`{repo_relative(args.results)}`); a run "
+        "replaces the rows it measures. The machine, date and versions above are this run's.", "", *table(groups)]
     if not args.no_write:
-        figure(summarise(rows), args.figure)
-        body.append(f"\n- Figure: `{args.figure.resolve().relative_to(HERE.parent)}`")
+        figure(groups, args.figure)
+        body.append(f"\n- Figure: `{repo_relative(args.figure)}`")
     publish(args.output, HEADING, body, write=not args.no_write)
 
 

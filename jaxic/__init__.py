@@ -11,7 +11,7 @@ from jaxic.api import CompiledModel, TrainConfig, compile, load
 from jaxic.callbacks import CSVLogger, TensorBoardLogger, TrainingRecord
 from jaxic.control_flow import bounded_while, rejection_sample
 from jaxic.errors import (CheckpointError, IndexOutOfRangeError, JaxicError, ModelError, ObservationError,
-                          UnknownSiteError, UnsupportedDistributionError, UntraceableModelError)
+                          StallWarning, UnknownSiteError, UnsupportedDistributionError, UntraceableModelError)
 from jaxic.export import to_arviz
 from jaxic.inference import Posterior, predictive
 from jaxic.proposal import Proposal, importance_sample
@@ -21,7 +21,7 @@ from jaxic.tracing import TraceDataset, TraceSpec, TraceWriter, derive_trace_spe
 __version__ = "0.1.0"
 
 __all__ = ["control_flow", "bounded_while", "rejection_sample", "TraceDataset", "TraceWriter", "write_traces",
-           "CompiledModel", "TrainConfig", "compile", "load", "CheckpointError", "JaxicError", "ModelError",
+           "CompiledModel", "TrainConfig", "compile", "load", "CheckpointError", "JaxicError", "ModelError", "StallWarning",
            "ObservationError", "UnsupportedDistributionError", "IndexOutOfRangeError", "UnknownSiteError",
            "UntraceableModelError",
            "Posterior", "predictive",

@@ -83,6 +83,7 @@ class CompiledModel:
                 (self.state, validation, data, self.validation_key), mesh)
         self.history: dict[str, list] = {"loss": [], "validation_step": [], "validation_loss": [], "skipped": []}
         self.checkpoint_dir, self.checkpoint_every, self.max_to_keep = None, None, 3
+        self._slowest_chunk = None  # seconds; None until a chunk has run here (the first one also compiles)
         self.sharding = None if mesh is None else parallel.batch_sharding(mesh)
         # Read once: observations are checked against them on the host, before anything compiles.
         self.observed_supports = checks.observed_supports(proposal.model, [o.name for o in proposal.spec.observed])
@@ -223,9 +224,11 @@ class CompiledModel:
         """Steps that fit in ``seconds`` (timed after compiling), with the schedule refitted to end at the last."""
         start, cfg = time.monotonic(), self.train_config
         # Compile, then time one chunk; both results are discarded so the schedule holds from the first step.
-        np.asarray(self.loop.run(self.state, 1, self.data)[1].loss)
+        with self._watched_chunk("the first training step"):
+            np.asarray(self.loop.run(self.state, 1, self.data)[1].loss)
         timed = time.monotonic()
-        np.asarray(self.loop.run(self.state, cfg.steps_per_call, self.data)[1].loss)
+        with self._watched_chunk("the timed training chunk"):
+            np.asarray(self.loop.run(self.state, cfg.steps_per_call, self.data)[1].loss)
         per_step = (time.monotonic() - timed) / cfg.steps_per_call
         if validate:
             self.validation_loss()  # compiles it
@@ -257,6 +260,22 @@ class CompiledModel:
                 changes["validation_every"] = max(cfg.steps_per_call, validation_steps // 20)
             self.train_config = dataclasses.replace(cfg, **changes)
 
+    @contextlib.contextmanager
+    def _watched_chunk(self, what: str):
+        """Run a training chunk under :func:`jaxic.loops.stall_watch`: warned after
+        ``loops.STALL_WARNING_SECONDS`` or 20 times the slowest chunk so far, the first chunk (which
+        compiles) after ``loops.COMPILE_STALL_WARNING_SECONDS``."""
+        if self._slowest_chunk is None:
+            warn_after, what = loops.COMPILE_STALL_WARNING_SECONDS, f"{what} (compiling, then running)"
+        else:
+            warn_after = max(loops.STALL_WARNING_SECONDS, 20 * self._slowest_chunk)
+        began = time.monotonic()
+        with loops.stall_watch(what, warn_after):
+            yield
+        # The first chunk's time is mostly compilation: not a measure of how long a chunk runs.
+        self._slowest_chunk = 0.0 if self._slowest_chunk is None else \
+            max(self._slowest_chunk, time.monotonic() - began)
+
     def _train_chunks(self, num_steps, seconds, validate, bar, saver, patience=None, callbacks=(),
                       budget=None) -> None:
         cfg, start, done, since_validation, postfix = self.train_config, time.monotonic(), 0, 0, {}
@@ -266,8 +285,9 @@ class CompiledModel:
         while (num_steps is None or done < num_steps) and (seconds is None or time.monotonic() - start < seconds):
             active = cfg.steps_per_call if num_steps is None else min(cfg.steps_per_call, num_steps - done)
             first = self.step
-            state, info = self.loop.run(self.state, active, self.data)
-            loss, skipped = np.asarray(info.loss), np.asarray(info.skipped)  # waits for the chunk
+            with self._watched_chunk(f"training steps {first}-{first + active - 1}"):
+                state, info = self.loop.run(self.state, active, self.data)
+                loss, skipped = np.asarray(info.loss), np.asarray(info.skipped)  # waits for the chunk
             metrics = {name: np.asarray(value).tolist() for name, value in info.metrics.items()}
             hyper = training.schedule_hyperparams(state.opt_state)
             rates = None if hyper is None else \

@@ -41,3 +41,7 @@ class MissingDependencyError(JaxicError, ImportError):
 
 class IndexOutOfRangeError(JaxicError, IndexError):
     """An index (``post[i]``) outside its axis; an ``IndexError`` too, so iteration stops there."""
+
+
+class StallWarning(UserWarning):
+    """A compiled computation has run far longer than it should (see :func:`jaxic.loops.wait_ready`)."""

@@ -13,12 +13,24 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+import warnings
 from typing import Any, Callable, Iterator, Protocol
 
 import jax
 import jax.numpy as jnp
 
 from jaxic import training
+from jaxic.errors import StallWarning
+
+STALL_WARNING_SECONDS = 60.0
+"""A training chunk still running after this many seconds (or 20 times the slowest chunk so far,
+when that is longer) gets a :class:`jaxic.StallWarning`."""
+
+COMPILE_STALL_WARNING_SECONDS = 600.0
+"""The same for the first chunk, which also compiles the training step."""
 
 
 class TrainingLoop(Protocol):
@@ -92,3 +104,37 @@ def dataset_batches(dataset, batch_size: int) -> Callable:
         return next(batches[0])
 
     return next_batch
+
+
+@contextlib.contextmanager
+def stall_watch(what: str, warn_after: float) -> Iterator[None]:
+    """Warn once (a :class:`jaxic.StallWarning` naming ``what``) if the block takes more than
+    ``warn_after`` seconds.
+
+    A compiled computation that never ends (a sampler's ``while_loop`` that does not terminate for
+    some draw) blocks inside XLA, where Python cannot stop it; a watcher thread at least says so,
+    instead of a silent hang.
+
+    Example:
+        >>> with stall_watch("training steps 0-24", warn_after=60.0):
+        ...     state, info = loop.run(state, 25, None)
+        ...     loss = np.asarray(info.loss)
+    """
+    finished, start = threading.Event(), time.monotonic()
+
+    def watch():
+        if not finished.wait(warn_after):
+            warnings.warn(
+                f"{what} has been running for {time.monotonic() - start:.0f} s, far longer than expected. A compiled "
+                "model that never returns is the usual cause: a sampler's while_loop that does not end for some "
+                "draw. numpyro's Binomial sampler under vmap is known to do so on CPU with some jaxlib versions "
+                "(XLA_FLAGS=--xla_backend_optimization_level=0 avoids it). To find the draw, run the model alone "
+                "under jax.jit(jax.vmap(...)) over batches of seeds. A compiled computation cannot be interrupted "
+                "from Python: if it does not finish, restart the process (in a notebook, the kernel).",
+                StallWarning, stacklevel=1)
+
+    threading.Thread(target=watch, name="jaxic-stall-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        finished.set()

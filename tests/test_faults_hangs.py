@@ -1,4 +1,5 @@
-"""Models that never end on some draws stop with a ModelError naming their line, within seconds."""
+"""Models that never end on some draws stop with a ModelError naming their line, within seconds; compiled
+training chunks that run far longer than expected (a sampler stuck in XLA) get a StallWarning naming their steps."""
 
 import inspect
 import json
@@ -253,3 +254,59 @@ def test_jax_compilation_does_not_count_against_the_limit():
     with time_limit(0.1, "a test run"):
         value = jax.jit(long_to_compile)(jnp.ones(3))
     assert time.monotonic() - start > 0.1 and np.isfinite(np.asarray(value)).all()
+
+
+# --- compiled computations that run far too long -------------------------------------------------
+
+def _busy(x, iterations: int, size: int = 256):
+    """``x`` again after ``iterations`` matrix products that depend on it: a compiled computation that
+    takes a while (a stand-in for a sampler stuck in its loop)."""
+    start = jnp.full((size, size), 1.0 / size) * jnp.tanh(x)
+    product = jax.lax.fori_loop(0, iterations, lambda i, a: jnp.tanh(a @ a + 0.1), start)
+    return x + 0.0 * product[0, 0]
+
+
+def test_a_computation_that_runs_too_long_is_reported_once():
+    busy = jax.jit(lambda x: _busy(x, 3000))
+    busy(jnp.float32(1.0)).block_until_ready()  # compiled outside the watch
+    with pytest.warns(jaxic.StallWarning) as caught:
+        with jaxic.loops.stall_watch("the test computation", warn_after=0.1):
+            value = busy(jnp.float32(1.0)).block_until_ready()
+    stalls = [w for w in caught if issubclass(w.category, jaxic.StallWarning)]
+    assert len(stalls) == 1 and "the test computation has been running for" in str(stalls[0].message)
+    assert "while_loop" in str(stalls[0].message) and "restart the process" in str(stalls[0].message)
+    np.testing.assert_allclose(np.asarray(value), 1.0)
+
+
+def test_a_computation_that_finishes_in_time_is_not_reported():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jaxic.StallWarning)
+        with jaxic.loops.stall_watch("the test computation", warn_after=0.5):
+            jnp.ones(3).block_until_ready()
+        time.sleep(0.7)  # the watcher has stopped: nothing is reported after the block either
+
+
+def _cheap_model():
+    x = numpyro.sample("x", dist.Normal(0.0, 1.0))
+    numpyro.sample("obs", dist.Normal(x, 1.0))
+
+
+def test_training_chunks_are_watched_naming_their_steps(monkeypatch):
+    # Thresholds far below a chunk's time, so that every chunk counts as stalled.
+    monkeypatch.setattr(jaxic.loops, "COMPILE_STALL_WARNING_SECONDS", 1e-4)
+    monkeypatch.setattr(jaxic.loops, "STALL_WARNING_SECONDS", 1e-4)
+    compiled = jaxic.compile(_cheap_model, ["obs"], jax.random.key(0), num_steps=0, batch_size=4,
+                             validation_size=4, network=SMALL, progress=False)
+    with pytest.warns(jaxic.StallWarning, match=r"training steps 0-2 \(compiling, then running\) has been running"):
+        compiled.train(3, progress=False)
+    with pytest.warns(jaxic.StallWarning, match=r"training steps 3-5 has been running"):
+        compiled.train(3, progress=False)
+    assert compiled.step == 6  # a report does not stop a chunk that finishes
+
+
+def test_training_at_normal_speed_is_not_reported():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jaxic.StallWarning)
+        compiled = jaxic.compile(_cheap_model, ["obs"], jax.random.key(0), num_steps=60, batch_size=4,
+                                 validation_size=4, network=SMALL, progress=False)
+        compiled.train(seconds=2, progress=False)
