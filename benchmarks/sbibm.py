@@ -49,7 +49,8 @@ from numpyro import handlers
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from results_io import benchmark_parser, environment_lines, publish, repo_relative, write_results_json  # noqa: E402
+from results_io import (PACKAGES, benchmark_parser, environment_lines, publish, repo_relative,  # noqa: E402
+                        write_results_json)
 import sbibm_reference as reference  # noqa: E402
 from sbibm_tasks import TASKS, simulate  # noqa: E402
 
@@ -190,7 +191,9 @@ def table(groups: list[dict]) -> list[str]:
         lines.append(f"| {g['task']} | {g['simulations']:,} | {g['method']} | {len(g['observations'])} | "
                      f"{cell(g['c2st_raw'])} | {cell(g['c2st_is'])} | {ess} | {g['train_s']:.0f} | {g['trained']} | "
                      f"{g['sample_s']:.1f} | {run} |")
-    lines += ["", "Runs:"] + [f"{i}. {date}: `{command}`" for i, (date, command) in enumerate(runs, 1)]
+    details = {(g["run"]["date"], g["run"]["command"]): g["run"] for g in groups}
+    lines += ["", "Runs:"] + [f"{i}. {date}: `{command}` ({details[date, command].get('machine', '?')}; "
+                              f"{details[date, command].get('versions', '?')})" for i, (date, command) in enumerate(runs, 1)]
     return lines
 
 
@@ -240,6 +243,8 @@ def parse_args(argv):
                         help="jaxic: validations (20 per run) without a better held-out loss before stopping")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peers", nargs="*", default=["npe"], choices=["npe"])
+    parser.add_argument("--render", action="store_true",
+                        help="run nothing: write the table and figure of what --results holds")
     parser.add_argument("--results", type=Path, default=HERE / "results" / "sbibm.json",
                         help="the measured groups, kept across runs (not read or written with --no-write)")
     parser.add_argument("--figure", type=Path, default=HERE / "figures" / "sbibm_c2st.png",
@@ -255,11 +260,13 @@ def main(argv=None) -> None:
     if args.peers and not peers:
         print("sbi is not installed (pip install sbi): running jaxic only", file=sys.stderr)
     peer_note = ", ".join(peers) if peers else ("none (sbi not installed)" if args.peers else "none")
-    environment = environment_lines("sbibm.py", argv)
-    run = {"date": environment[1].removeprefix("- Date: "), "command": environment[3].removeprefix("- Command: ").strip("`")}
+    environment = environment_lines("sbibm.py", argv, PACKAGES + ("diffrax", "scikit-learn") +
+                                    (("sbi", "torch") if peers else ()))
+    machine, date, versions, command = (line.split(": ", 1)[1] for line in environment)
+    run = {"date": date, "command": command.strip("`"), "machine": machine, "versions": versions}
     groups = [] if args.no_write else load_groups(args.results)
     with tempfile.TemporaryDirectory(prefix="jaxic-sbibm-") as scratch:
-        for name in args.tasks:
+        for name in [] if args.render else args.tasks:
             for simulations in args.simulations:
                 theta, x = simulations_for(TASKS[name], simulations, args.seed)
                 rows = jaxic_runs(TASKS[name], theta, x, args, Path(scratch) / f"{name}-{simulations}")
@@ -270,16 +277,20 @@ def main(argv=None) -> None:
                 groups = merge(groups, new)
                 if not args.no_write:  # after every budget, so a run stopped later keeps what it measured
                     write_results_json(args.results, {"groups": groups})
+    if args.render:
+        environment = [f"- Rendered {run['date']} from `{repo_relative(args.results)}`; machines, dates and "
+                       "versions are those of the runs listed under the table."]
     body = environment + [
         f"- Protocol: both methods train on the same simulations (prior predictive draws, seed {args.seed}), "
         f"10% held out for early stopping. jaxic: its defaults, batch size {args.batch_size}, "
         f"min(max({args.epochs} epochs, {args.min_steps:,} steps), {args.max_steps:,} steps), patience {args.patience} "
         f"validations, best validated parameters restored; sbi: NPE() with its default estimator and "
         f"training loop. {args.draws:,} draws per observation against as many reference draws; IS draws resampled from "
-        f"{args.oversample}x as many particles; C2ST = jaxic.diagnostics.c2st (sbibm's classifier and folds); "
-        f"peers: {peer_note}.",
+        f"{args.oversample}x as many particles; C2ST = jaxic.diagnostics.c2st (sbibm's classifier and folds)"
+        + ("." if args.render else f"; peers in this run: {peer_note}."),
         f"- The table holds every (task, budget, method) measured so far (`{repo_relative(args.results)}`); a run "
-        "replaces the rows it measures. The machine, date and versions above are this run's.", "", *table(groups)]
+        "replaces the rows it measures." + ("" if args.render else " The machine, date and versions above are this "
+                                            "run's."), "", *table(groups)]
     if not args.no_write:
         figure(groups, args.figure)
         body.append(f"\n- Figure: `{repo_relative(args.figure)}`")

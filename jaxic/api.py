@@ -397,6 +397,11 @@ class CompiledModel:
             >>> post = compiled.posterior(jax.random.key(1), {"obs": jnp.array([4.0, 25.0])}, 1000)
             >>> post[1].ess
         """
+        post = self._importance(key, observations, num_samples, defensive, defensive_scale)
+        _warn_failed_particles(post)
+        return post
+
+    def _importance(self, key, observations, num_samples, defensive=0.0, defensive_scale=core.DEFENSIVE_SCALE):
         key = checks.prng_key("key", key)
         num_samples = checks.positive_int("num_samples", num_samples)
         defensive, defensive_scale = core.check_defensive(defensive, defensive_scale)
@@ -419,7 +424,7 @@ class CompiledModel:
         Example:
             >>> compiled.sample(jax.random.key(0), {"obs": 25.0}, 1000)["x"].shape   # (1000,)
         """
-        return self.posterior(key, observations, num_samples).samples
+        return self._importance(key, observations, num_samples).samples  # no weights: no warning about them
 
     def predictive(self, key: jax.Array, observations: Mapping[str, Any], num_samples: int = 1000, *,
                    num_particles: int | None = None) -> dict[str, jax.Array]:
@@ -512,6 +517,21 @@ def checkpoint_metadata(compiled: CompiledModel) -> dict:
 
 
 @contextlib.contextmanager
+def _warn_failed_particles(post: Posterior) -> None:
+    """Warn when the model's log density is NaN for some particles: importance sampling gives them zero
+    weight, which is right only if the model really has no mass there."""
+    failed = np.asarray(jnp.sum(jnp.isnan(post.log_joint), axis=-1)).reshape(-1)  # per observation set
+    if not failed.any():
+        return
+    worst = int(np.argmax(failed))
+    where = f" (observation set {worst} of {failed.size}, the most affected)" if failed.size > 1 else ""
+    warnings.warn(f"{int(failed[worst])} of {post.num_samples} particles{where} have a NaN model log density and "
+                  "get zero weight: the model returned NaN for their latent values (an ODE solve that did not "
+                  "finish, a rate that overflowed, a log of a negative number, ...). The posterior is over the "
+                  "other particles: fine for a handful, but if the share is large the model fails in a region "
+                  "the posterior reaches; post.log_joint shows which particles (NaN).", stacklevel=3)
+
+
 def _interrupts_deferred():
     """Hold a Ctrl-C (SIGINT) until the block ends, then raise it."""
     if threading.current_thread() is not threading.main_thread():

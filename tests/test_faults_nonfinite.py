@@ -1,5 +1,7 @@
 """Non-finite joint draws and data rows never poison training: they are dropped, counted and named."""
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -145,3 +147,27 @@ def test_data_objectives_drop_nan_rows_with_finite_gradients(runs, objective):
     assert 0 < int(info.metrics["dropped"]) < 16
     assert objectives.dropped_site_name(compiled.spec, info.metrics["dropped_site"]) == "y"
     chex.assert_tree_all_finite(state.params)
+
+
+def test_posterior_warns_with_the_count_of_particles_the_model_fails_on(runs):
+    compiled = runs["faulty"][0]
+    with pytest.warns(UserWarning, match=r"(\d+) of 4000 particles have a NaN model log density") as caught:
+        post = compiled.posterior(jax.random.key(3), {"y": jnp.float32(-1.5)}, 4000)  # pulls x towards -3
+    failed = int(np.sum(np.asarray(post.samples["x"]) < -3.0))
+    assert failed > 0 and f"{failed} of 4000 particles" in str(caught[0].message)
+    assert int(np.sum(np.isnan(np.asarray(post.log_joint)))) == failed
+    assert float(np.sum(np.asarray(post.weights)[np.asarray(post.samples["x"]) < -3.0])) == 0.0
+
+
+def test_posterior_names_the_most_affected_observation_set(runs):
+    compiled = runs["faulty"][0]
+    with pytest.warns(UserWarning, match=r"particles \(observation set 1 of 2, the most affected\)"):
+        compiled.posterior(jax.random.key(3), {"y": jnp.array([OBS, -1.5], jnp.float32)}, 4000)
+
+
+def test_posterior_and_raw_draws_of_a_model_that_never_fails_do_not_warn(runs):
+    compiled = runs["clean"][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled.posterior(jax.random.key(3), {"y": jnp.float32(-1.5)}, 4000)
+        runs["faulty"][0].sample(jax.random.key(3), {"y": jnp.float32(-1.5)}, 4000)  # raw draws carry no weights

@@ -150,3 +150,24 @@ def test_sir_initial_fraction_and_grid():
     np.testing.assert_allclose(fraction[0], 1e-6, rtol=1e-6)
     # beta/gamma = 3.2 > 1: an outbreak that peaks and fades within 153 days.
     assert fraction.max() > 0.1 and fraction[-1] < fraction.max() / 10
+
+
+def test_sbibm_results_add_up_across_runs_and_a_run_replaces_what_it_measures():
+    from benchmarks import sbibm
+    row = lambda task, method, k, raw: {"task": task, "simulations": 10_000, "observation": k, "method": method,
+                                        "train_s": 5.0, "sample_s": 1.0, "steps": 100, "best_step": 90,
+                                        "c2st_raw": raw, "c2st_is": 0.5 if method == "jaxic" else float("nan"),
+                                        "ess_fraction": 0.4 if method == "jaxic" else float("nan")}
+    first = sbibm.summarise([row("sir", "jaxic", 1, 0.6), row("sir", "jaxic", 2, 0.7),
+                             row("sir", "sbi NPE", 1, 0.8)], {"date": "d1", "command": "c1"})
+    assert first[0]["c2st_raw"] == pytest.approx([0.65, 0.7]) and first[0]["observations"] == [1, 2]
+    assert math.isnan(first[1]["c2st_is"][0]) and first[0]["trained"] == "100 steps (best 90)"
+    second = sbibm.summarise([row("sir", "jaxic", 1, 0.55), row("two_moons", "jaxic", 1, 0.52)],
+                             {"date": "d2", "command": "c2"})
+    merged = sbibm.merge(first, second)
+    assert [(g["task"], g["method"], g["run"]["date"]) for g in merged] == [
+        ("two_moons", "jaxic", "d2"), ("sir", "jaxic", "d2"), ("sir", "sbi NPE", "d1")]  # sbibm's task order
+    lines = sbibm.table(merged)
+    assert "| sir | 10,000 | jaxic | 1 | 0.550 / 0.550 | 0.500 / 0.500 | 0.400 | 5 | 100 steps (best 90) | 1.0 | 1 |" in lines
+    assert "| sir | 10,000 | sbi NPE | 1 | 0.800 / 0.800 | - | - | 5 | 100 epochs | 1.0 | 2 |" in lines
+    assert lines[-2:] == ["1. d2: `c2` (?; ?)", "2. d1: `c1` (?; ?)"]
