@@ -65,8 +65,8 @@ def main(argv=None) -> None:
     body = environment_lines("binomial_stall.py", argv) + [
         "- One element's draw of numpyro's Binomial(1000, p = 0.13190977) on CPU (lax.map of _binomial_dispatch),",
         "  key data [280508671, 3483495943], each attempt in a child process with a time limit.", "", *lines, "",
-        "- jaxic's answer: a training chunk stuck like this gets a `jaxic.StallWarning` (README, \"Nothing hangs\");",
-        "  `benchmarks/series_embedder.py` draws its binomials with `jax.random.binomial`."]
+        "- jaxic's answer: its model runs draw Binomial sites with `jax.random.binomial` (`jaxic.tracing.spec.binomial_draws`),",
+        "  and a training chunk stuck in any other sampler gets a `jaxic.StallWarning` (README, \"Nothing hangs\")."]
     publish(args.output, HEADING, body, write=not args.no_write)
 
 

@@ -127,8 +127,9 @@ def stall_watch(what: str, warn_after: float) -> Iterator[None]:
             warnings.warn(
                 f"{what} has been running for {time.monotonic() - start:.0f} s, far longer than expected. A compiled "
                 "model that never returns is the usual cause: a sampler's while_loop that does not end for some "
-                "draw. numpyro's Binomial sampler under vmap is known to do so on CPU with some jaxlib versions "
-                "(XLA_FLAGS=--xla_backend_optimization_level=0 avoids it). To find the draw, run the model alone "
+                "draw (numpyro's vmapped Binomial sampler does so on CPU, which is why jaxic draws Binomial sites "
+                "with jax.random.binomial; XLA_FLAGS=--xla_backend_optimization_level=0 avoided it). To find the "
+                "draw, run the model alone "
                 "under jax.jit(jax.vmap(...)) over batches of seeds. A compiled computation cannot be interrupted "
                 "from Python: if it does not finish, restart the process (in a notebook, the kernel).",
                 StallWarning, stacklevel=1)

@@ -90,3 +90,34 @@ def test_spec_roundtrips_through_json_and_reports_differences():
 
     diff = spec.describe_difference(derive_trace_spec(other, observed=["obs"]))
     assert "latent site 'z' is only in the checkpoint" in diff
+
+
+def _binomial_sites():
+    p = numpyro.sample("p", dist.Beta(2.0, 5.0))
+    numpyro.sample("k", dist.Binomial(1000, p))
+    numpyro.sample("v", dist.Binomial(jnp.array([10, 20, 30]), 0.5).to_event(1))
+    with numpyro.plate("n", 4):
+        numpyro.sample("w", dist.Binomial(50, logits=jnp.zeros(4)))
+    numpyro.sample("obs", dist.Binomial(1000, p), obs=300)
+
+
+def test_model_runs_draw_binomials_without_numpyros_sampler(monkeypatch):
+    # numpyro's sampler, vmapped, never returns for rare draws on CPU (benchmarks/binomial_stall.py).
+    def refuse(*args, **kwargs):
+        raise AssertionError("numpyro's binomial sampler was called")
+
+    monkeypatch.setattr(numpyro.distributions.discrete, "binomial", refuse)
+    draws = jax.jit(jax.vmap(lambda k: {n: s["value"] for n, s in run_model(_binomial_sites, k).items()}))(
+        jax.random.split(jax.random.key(0), 20_000))
+    reference = handlers.trace(handlers.seed(_binomial_sites, 0)).get_trace  # numpyro's dtypes and shapes
+    monkeypatch.undo()
+    for name, site in reference().items():
+        if site["type"] == "sample":
+            assert draws[name].dtype == jnp.asarray(site["value"]).dtype and draws[name].shape[1:] == jnp.shape(site["value"])
+    # Binomial(1000, p) given p: mean 1000 p, variance 1000 p (1 - p); z-scores over 20,000 draws.
+    k, p = np.asarray(draws["k"], np.float64), np.asarray(draws["p"], np.float64)
+    z = (k - 1000 * p) / np.sqrt(1000 * p * (1 - p))
+    assert abs(z.mean()) < 4 / np.sqrt(len(z)) and abs(z.var() - 1) < 0.05
+    np.testing.assert_allclose(np.asarray(draws["v"]).mean(0), [5, 10, 15], rtol=0.02)
+    np.testing.assert_allclose(np.asarray(draws["w"]).mean(), 25, rtol=0.01)
+    assert (np.asarray(draws["obs"]) == 300).all()  # observed sites keep their value

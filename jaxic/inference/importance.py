@@ -27,7 +27,7 @@ from jaxic.parallel import shard_batch
 from jaxic.tracing import TraceSpec
 from jaxic.tracing.limits import limit_sites, time_limit, time_limit_paused
 from jaxic.tracing.dependence import dependent_outputs
-from jaxic.tracing.spec import as_tokens, deterministic_values, from_tokens, site_mask, token_mask
+from jaxic.tracing.spec import as_tokens, binomial_draws, deterministic_values, from_tokens, site_mask, token_mask
 from jaxic.tracing.universal import stack_deterministic
 from jaxic.tracing.traces import Tokens, trace_to_tokens
 
@@ -189,7 +189,7 @@ def substituted_trace(spec: TraceSpec, model: Callable, observations: Mapping[st
     """
     conditioned = handlers.condition(handlers.seed(model, model_key), data=observations)
     substituted = handlers.substitute(conditioned, substitute_fn=_token_substitution(spec, values))
-    return handlers.trace(substituted).get_trace()
+    return handlers.trace(binomial_draws(substituted)).get_trace()  # outermost: only sites still without a value
 
 
 class DecodePlan(NamedTuple):

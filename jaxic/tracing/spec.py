@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpyro import handlers
+from numpyro import distributions as dist, handlers
 from numpyro.distributions import constraints
 from numpyro.distributions.distribution import MaskedDistribution
 from numpyro.distributions.transforms import biject_to
@@ -379,9 +379,40 @@ def user_frame(exc: BaseException) -> str:
     return limits.user_frame(exc)
 
 
+def _binomial_base(fn):
+    """The Binomial under ``fn``'s wrappers (independent, expanded, masked), or None."""
+    while isinstance(fn, (dist.Independent, dist.ExpandedDistribution, MaskedDistribution)):
+        fn = fn.base_dist
+    return fn if isinstance(fn, (dist.BinomialProbs, dist.BinomialLogits)) else None
+
+
+class binomial_draws(Messenger):
+    """Draw the model's unobserved Binomial sites with ``jax.random.binomial`` (same distribution,
+    other random stream). numpyro's own Binomial sampler, vmapped over traces, never returns for
+    rare (key, p) on CPU with jaxlib 0.10.2 (an XLA fault; ``benchmarks/binomial_stall.py``), and jaxic
+    vmaps every model over traces. Put it outside ``seed``, which hands each site its key first.
+
+    Example:
+        >>> trace = handlers.trace(binomial_draws(handlers.seed(model, key))).get_trace()
+    """
+
+    def process_message(self, msg):
+        if msg["type"] != "sample" or msg["value"] is not None or msg["is_observed"]:
+            return
+        base, key = _binomial_base(msg["fn"]), msg["kwargs"].get("rng_key")
+        if base is None or key is None:
+            return
+        fn = msg["fn"]
+        shape = tuple(msg["kwargs"].get("sample_shape", ())) + fn.batch_shape + fn.event_shape
+        count, probs = jnp.broadcast_to(base.total_count, shape), jnp.broadcast_to(base.probs, shape)
+        draw = jax.random.binomial(key, count.astype(probs.dtype), probs, shape)
+        msg["value"], msg["intermediates"] = draw.astype(jnp.result_type(base.total_count)), []
+
+
 def run_model(model: Callable, key: jax.Array) -> dict:
-    """One execution of the model under ``seed`` + ``trace``: its ordered trace."""
-    return handlers.trace(handlers.seed(model, key)).get_trace()
+    """One execution of the model under ``seed`` + ``trace``: its ordered trace (Binomial sites drawn
+    by :class:`binomial_draws`)."""
+    return handlers.trace(binomial_draws(handlers.seed(model, key))).get_trace()
 
 
 def abstract_trace(model: Callable, key: jax.Array | None = None) -> dict:
