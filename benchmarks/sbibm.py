@@ -238,7 +238,7 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=40, help="jaxic: passes over the simulations at most")
     parser.add_argument("--min-steps", type=int, default=5000, help="jaxic: optimisation steps at least")
-    parser.add_argument("--max-steps", type=int, default=20_000, help="jaxic: optimisation steps at most")
+    parser.add_argument("--max-steps", type=int, default=60_000, help="jaxic: optimisation steps at most")
     parser.add_argument("--patience", type=int, default=6,
                         help="jaxic: validations (20 per run) without a better held-out loss before stopping")
     parser.add_argument("--seed", type=int, default=0)

@@ -516,7 +516,6 @@ def checkpoint_metadata(compiled: CompiledModel) -> dict:
     }
 
 
-@contextlib.contextmanager
 def _warn_failed_particles(post: Posterior) -> None:
     """Warn when the model's log density is NaN for some particles: importance sampling gives them zero
     weight, which is right only if the model really has no mass there."""
@@ -532,6 +531,7 @@ def _warn_failed_particles(post: Posterior) -> None:
                   "the posterior reaches; post.log_joint shows which particles (NaN).", stacklevel=3)
 
 
+@contextlib.contextmanager
 def _interrupts_deferred():
     """Hold a Ctrl-C (SIGINT) until the block ends, then raise it."""
     if threading.current_thread() is not threading.main_thread():
