@@ -84,6 +84,14 @@ def write_dataset(task, theta: np.ndarray, x: np.ndarray, folder: Path) -> Path:
     return folder
 
 
+def marginals(draws: np.ndarray, ref: np.ndarray) -> dict:
+    """Per parameter, how the draws' marginal sits against the reference: mean shift in reference sds, and
+    sd ratio; which parameter a high C2ST comes from."""
+    sd = ref.std(axis=0)
+    return {"shift": ((draws.mean(axis=0) - ref.mean(axis=0)) / sd).round(3).tolist(),
+            "width": (draws.std(axis=0) / sd).round(3).tolist()}
+
+
 def jaxic_runs(task, theta: np.ndarray, x: np.ndarray, args, folder: Path) -> list[dict]:
     """jaxic defaults trained on the fixed simulations (10% held out for early stopping, as sbi does)."""
     simulations = len(theta)
@@ -108,7 +116,8 @@ def jaxic_runs(task, theta: np.ndarray, x: np.ndarray, args, folder: Path) -> li
         rows.append({"task": task.name, "simulations": simulations, "observation": k, "method": "jaxic",
                      "train_s": train_s, "sample_s": sample_s, "steps": compiled.step,
                      "best_step": compiled.best_step, "c2st_raw": c2st(raw, ref), "c2st_is": c2st(resampled, ref),
-                     "ess_fraction": float(post.ess) / post.num_samples})
+                     "ess_fraction": float(post.ess) / post.num_samples, "raw": marginals(raw, ref),
+                     "is": marginals(resampled, ref)})
     return rows
 
 
@@ -135,7 +144,8 @@ def npe_runs(task, theta: np.ndarray, x: np.ndarray, args, folder: Path) -> list
         draws = posterior.sample((args.draws,), x=obs, show_progress_bars=False).numpy()
         rows.append({"task": task.name, "simulations": len(theta), "observation": k, "method": "sbi NPE",
                      "train_s": train_s, "sample_s": time.perf_counter() - start, "steps": epochs,
-                     "c2st_raw": c2st(draws, ref), "c2st_is": float("nan"), "ess_fraction": float("nan")})
+                     "c2st_raw": c2st(draws, ref), "c2st_is": float("nan"), "ess_fraction": float("nan"),
+                     "raw": marginals(draws, ref)})
     return rows
 
 
@@ -272,6 +282,10 @@ def main(argv=None) -> None:
                 rows = jaxic_runs(TASKS[name], theta, x, args, Path(scratch) / f"{name}-{simulations}")
                 if "npe" in peers:
                     rows += npe_runs(TASKS[name], theta, x, args, Path(scratch) / f"{name}-{simulations}-sbi-logs")
+                for r in rows:  # which observation and which parameter a high C2ST comes from
+                    print(f"  {r['task']} {r['simulations']:,} {r['method']} observation {r['observation']}: C2ST raw "
+                          f"{r['c2st_raw']:.3f}, after IS {r['c2st_is']:.3f}, ESS/N {r['ess_fraction']:.4f}; raw "
+                          f"shift {r['raw']['shift']}, width {r['raw']['width']}", flush=True)
                 new = summarise(rows, run)
                 print("\n".join(table(new)[2:-3]), flush=True)
                 groups = merge(groups, new)
