@@ -121,3 +121,20 @@ def test_model_runs_draw_binomials_without_numpyros_sampler(monkeypatch):
     np.testing.assert_allclose(np.asarray(draws["v"]).mean(0), [5, 10, 15], rtol=0.02)
     np.testing.assert_allclose(np.asarray(draws["w"]).mean(), 25, rtol=0.01)
     assert (np.asarray(draws["obs"]) == 300).all()  # observed sites keep their value
+
+
+def test_posterior_predictive_draws_binomials_without_numpyros_sampler(monkeypatch):
+    import jaxic
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("numpyro's binomial sampler was called")
+
+    def model():
+        p = numpyro.sample("p", dist.Beta(1.0, 1.0))
+        numpyro.sample("obs", dist.Binomial(100, p))
+
+    monkeypatch.setattr(numpyro.distributions.discrete, "binomial", refuse)
+    post = jaxic.Posterior({"p": jnp.array([0.2, 0.7])}, jnp.log(jnp.array([0.75, 0.25])), jnp.zeros(2), jnp.zeros(2))
+    obs = np.asarray(jaxic.predictive(model, post, jax.random.key(0), 20_000)["obs"], np.float64)
+    # A mixture of Binomial(100, 0.2) and Binomial(100, 0.7) with weights 3/4, 1/4: mean 32.5.
+    assert obs.shape == (20_000,) and abs(obs.mean() - 32.5) < 4 * obs.std() / np.sqrt(obs.size)

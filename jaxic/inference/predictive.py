@@ -15,12 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
-from numpyro.infer import Predictive
 
 from jaxic import validation as checks
 from jaxic.errors import JaxicError
 from jaxic.inference.posterior import Posterior, resample_indices
-from jaxic.tracing.spec import JIT_FAILURES, abstract_trace
+from jaxic.tracing.spec import JIT_FAILURES, abstract_trace, run_model
 from jaxic.tracing.limits import resolve_timeout
 from jaxic.tracing.universal import run_bounded, stack_deterministic
 
@@ -31,7 +30,8 @@ def predictive(model: Callable, posterior: Posterior, key: jax.Array, num_sample
 
     Draws ``num_samples`` particles per observation set from ``posterior`` by their weights
     (multinomial resampling), substitutes their latent values into ``model`` and runs it
-    forward through ``numpyro.infer.Predictive``: every sample site without a value (the
+    forward, vmapped over the draws as ``numpyro.infer.Predictive`` does (Binomial sites drawn by
+    ``jax.random.binomial``, as in every jaxic model run): every sample site without a value (the
     observed sites, whose ``obs`` must be None, as jaxic models are written) is drawn and the
     deterministic sites are recomputed. Returns ``{site: array}`` with leading axes
     ``posterior.batch_shape`` (one per observation set), then ``num_samples``.
@@ -55,8 +55,6 @@ def predictive(model: Callable, posterior: Posterior, key: jax.Array, num_sample
     bound = functools.partial(model, *tuple(model_args), **dict(model_kwargs or {}))
     _check_weights(posterior)
     resample_key, model_key = jax.random.split(key)
-    # numpyro's Predictive takes raw uint32 keys in every supported version (0.19 fails on typed keys).
-    model_key = jax.random.key_data(model_key) if jnp.issubdtype(model_key.dtype, jax.dtypes.prng_key) else model_key
     batch_ndims = len(posterior.batch_shape) + 1
     index = resample_indices(resample_key, posterior.log_weights, num_samples)
     draws = {n: jnp.take_along_axis(v, index.reshape(index.shape + (1,) * (v.ndim - batch_ndims)), axis=batch_ndims - 1)
@@ -67,7 +65,23 @@ def predictive(model: Callable, posterior: Posterior, key: jax.Array, num_sample
         return _eager(bound, draws, model_key, batch_ndims)
     latents = {n: v for n, v in draws.items()
                if n in trace and trace[n]["type"] == "sample" and not trace[n]["is_observed"]}
-    return Predictive(bound, posterior_samples=latents, batch_ndims=batch_ndims, parallel=True)(model_key)
+    return _vmapped(bound, latents, model_key, batch_ndims)
+
+
+def _vmapped(model: Callable, latents: dict[str, jax.Array], key: jax.Array, batch_ndims: int) -> dict[str, jax.Array]:
+    """One model run per draw with its latents substituted, vmapped (what ``Predictive(parallel=True)`` does,
+    through jaxic's ``run_model``, whose Binomial draws cannot stall under vmap)."""
+    lead = next(iter(latents.values())).shape[:batch_ndims]
+    total = int(np.prod(lead))
+    flat = {n: v.reshape((total,) + v.shape[batch_ndims:]) for n, v in latents.items()}
+
+    def one(k, draw):
+        trace = run_model(handlers.substitute(model, data=draw), k)
+        return {n: m["value"] for n, m in trace.items()
+                if m["type"] == "deterministic" or (m["type"] == "sample" and n not in draw)}
+
+    out = jax.vmap(one)(jax.random.split(key, total), flat)
+    return {n: v.reshape(lead + v.shape[1:]) for n, v in out.items()}
 
 
 def _check_weights(posterior: Posterior) -> None:
