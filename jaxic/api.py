@@ -799,6 +799,7 @@ def load(path: str | os.PathLike, model: Callable, *, model_args: Sequence = (),
     if difference:
         raise CheckpointError(f"checkpoint '{path}' was written for a different model:\n{difference}\n"
                               "Pass the same model and model_args/model_kwargs it was compiled with.")
+    spec = dataclasses.replace(spec, observed=saved_spec.observed)  # read observations as the network was trained
     network_meta = metadata["network"]
     if network_meta["type"] not in NETWORKS:
         raise CheckpointError(f"checkpoint '{path}' uses network '{network_meta['type']}', unknown to this jaxic.")

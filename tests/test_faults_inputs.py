@@ -17,7 +17,7 @@ from numpyro.distributions import constraints
 
 import jaxic
 from jaxic import validation
-from jaxic.errors import IndexOutOfRangeError, JaxicError, ObservationError, UnsupportedDistributionError
+from jaxic.errors import IndexOutOfRangeError, JaxicError, ModelError, ObservationError, UnsupportedDistributionError
 from jaxic.networks import MLPEmbedding, SeriesConvEmbedding, TransformerConfig
 from jaxic.tracing import ObservedSite
 
@@ -575,3 +575,16 @@ def test_defensive_mixture_needs_the_compiled_path():
                              batch_size=8, validation_size=16, pilot_traces=16, progress=False)
     with pytest.raises(JaxicError, match=r"defensive=0.1 needs the compiled \(masked\) path.*path='universal'.*defensive=0.0"):
         compiled.posterior(jax.random.key(0), {"obs": 0.5}, 10, defensive=0.1)
+
+
+@pytest.mark.parametrize("infer, message", [
+    ({"jaxic": {"scale": "sqrt"}}, r"observed site 'obs' has infer=\{'jaxic': \{'scale': 'sqrt'\}\}; it must be one of 'linear', 'log', 'logit'"),
+    ({"jaxic": {"propose": False}}, r"observed site 'obs' has unknown jaxic options \['propose'\].*takes 'scale'"),
+])
+def test_a_bad_observation_scale_option_names_the_site(infer, message):
+    def model():
+        x = numpyro.sample("x", dist.Normal(0.0, 1.0))
+        numpyro.sample("obs", dist.LogNormal(x, 1.0), infer=infer)
+
+    with pytest.raises(ModelError, match=message):
+        jaxic.compile(model, ["obs"], jax.random.key(0), num_steps=0, progress=False)

@@ -1,3 +1,5 @@
+import json
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -138,3 +140,65 @@ def test_posterior_predictive_draws_binomials_without_numpyros_sampler(monkeypat
     obs = np.asarray(jaxic.predictive(model, post, jax.random.key(0), 20_000)["obs"], np.float64)
     # A mixture of Binomial(100, 0.2) and Binomial(100, 0.7) with weights 3/4, 1/4: mean 32.5.
     assert obs.shape == (20_000,) and abs(obs.mean() - 32.5) < 4 * obs.std() / np.sqrt(obs.size)
+
+
+def test_observed_sites_are_seen_on_the_scale_of_their_support():
+    from jaxic.tracing import ObservedSite, TraceSpec
+    from jaxic.tracing.spec import observation_scale
+
+    scale = lambda fn, **infer: observation_scale("obs", {"fn": fn, "infer": infer})
+    assert scale(dist.LogNormal(jnp.zeros(3), 1.0).to_event(1)) == "log"
+    assert scale(dist.Gamma(2.0, 1.0)) == "log"
+    assert scale(dist.Beta(2.0, 2.0)) == "logit"
+    for linear in (dist.Normal(0.0, 1.0), dist.Poisson(3.0), dist.Binomial(10, 0.5), dist.Uniform(0.0, 5.0)):
+        assert scale(linear) == "linear"
+    assert scale(dist.Gamma(2.0, 1.0), jaxic={"scale": "linear"}) == "linear"  # the site's own choice wins
+    np.testing.assert_allclose(ObservedSite("o", (3,), "log").features(jnp.array([1.0, 10.0, 0.0])),
+                               [0.0, np.log(10.0), np.log(np.finfo(np.float32).tiny)], rtol=1e-6)
+    np.testing.assert_allclose(ObservedSite("o", (2,), "logit").features(jnp.array([0.5, 0.75])), [0.0, np.log(3.0)],
+                               rtol=1e-6)
+    assert np.isfinite(ObservedSite("o", (2,), "logit").features(jnp.array([0.0, 1.0]))).all()
+
+    def model():
+        x = numpyro.sample("x", dist.Normal(0.0, 1.0))
+        numpyro.sample("counts", dist.Poisson(jnp.exp(x)))
+        numpyro.sample("sizes", dist.LogNormal(x, 2.0).expand([4]).to_event(1))
+
+    spec = derive_trace_spec(model, ["counts", "sizes"])
+    assert [(o.name, o.scale) for o in spec.observed] == [("counts", "linear"), ("sizes", "log")]
+    assert TraceSpec.from_json(spec.to_json()) == spec
+    old = json.loads(spec.to_json())  # a spec saved before observations had a scale
+    for o in old["observed"]:
+        del o["scale"]
+    assert [o.scale for o in TraceSpec.from_json(json.dumps(old)).observed] == ["linear", "linear"]
+
+
+def test_observation_moments_are_taken_on_the_sites_scale():
+    from jaxic.heads import head_for_site
+    from jaxic.networks import proposal_statistics
+
+    def model():
+        x = numpyro.sample("x", dist.Normal(0.0, 1.0))
+        numpyro.sample("sizes", dist.LogNormal(x, 2.0).expand([3]).to_event(1))
+
+    spec = derive_trace_spec(model, ["sizes"])
+    tokens, observations = sample_joint(spec, model, jax.random.key(0), 8192)
+    stats = proposal_statistics(spec, [head_for_site(s, 4) for s in spec.latents], tokens, observations)
+    # log sizes ~ N(0, 1 + 4): moments of the log, not of values spanning orders of magnitude.
+    np.testing.assert_allclose(np.asarray(stats.obs_loc["sizes"]), 0.0, atol=0.15)
+    np.testing.assert_allclose(np.asarray(stats.obs_scale["sizes"]), np.sqrt(5.0), rtol=0.1)
+
+
+def test_a_checkpoints_observation_scale_is_not_a_model_difference():
+    import dataclasses
+    from jaxic.tracing import ObservedSite
+
+    def model():
+        x = numpyro.sample("x", dist.Normal(0.0, 1.0))
+        numpyro.sample("sizes", dist.LogNormal(x, 2.0))
+
+    spec = derive_trace_spec(model, ["sizes"])
+    saved_before_scales = dataclasses.replace(spec, observed=(ObservedSite("sizes", ()),))
+    assert spec.observed[0].scale == "log" and saved_before_scales.describe_difference(spec) == ""
+    renamed = dataclasses.replace(spec, observed=(ObservedSite("other", (), "log"),))
+    assert "observed sites differ" in renamed.describe_difference(spec)

@@ -54,7 +54,7 @@ def proposal_statistics(spec: TraceSpec, heads: list[ProposalHead], tokens: Toke
     max_params = max(h.num_params for h in heads)
     executed_ok = jnp.all(jnp.isfinite(tokens.value), axis=-1) & jnp.isfinite(tokens.log_jacobian)
     trace_ok = jnp.all(executed_ok | ~tokens.mask, axis=-1)
-    rows = {o.name: jnp.asarray(observations[o.name]).reshape(observations[o.name].shape[0], -1) for o in spec.observed}
+    rows = {o.name: o.features(observations[o.name]).reshape(observations[o.name].shape[0], -1) for o in spec.observed}
     rows_ok = jnp.ones(next(iter(rows.values())).shape[:1] if rows else (0,), bool)
     for flat in rows.values():
         rows_ok = rows_ok & jnp.all(jnp.isfinite(flat), axis=-1)
@@ -168,9 +168,14 @@ class ProposalNetworkBase(nnx.Module):
         return jnp.stack([jnp.pad(h.features(z), (0, self.feature_width - h.feature_dim))
                           for h in self.groups])[self._group(address)]
 
+    def embed_observations(self, observations: Mapping[str, jax.Array]) -> list[jax.Array]:
+        """One ``(d,)`` embedding per observed site, of its values on the site's scale (log, logit or as is)."""
+        return [embed(o.features(observations[o.name]))
+                for embed, o in zip(self.observation_embedders, self.spec.observed)]
+
     def prefix(self, observations: Mapping[str, jax.Array]):
         """Observation tokens followed by a begin-of-trace token: ``(P + 1, d)``."""
-        rows = [embed(observations[o.name]) for embed, o in zip(self.observation_embedders, self.spec.observed)]
+        rows = self.embed_observations(observations)
         obs = jnp.stack(rows) + self.observed_site_embed[...] if rows else jnp.zeros((0, self.bos.shape[0]))
         return jnp.concatenate([obs, self.bos[...][None]])
 

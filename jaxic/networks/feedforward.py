@@ -73,7 +73,7 @@ class FeedForwardProposal(ProposalNetworkBase):
 
     def init_decode(self, observations: Mapping[str, jax.Array]) -> FeedForwardState:
         """Embed the observations once for :meth:`decode`."""
-        rows = [embed(observations[o.name]) for embed, o in zip(self.observation_embedders, self.spec.observed)]
+        rows = self.embed_observations(observations)
         return FeedForwardState(self.observation_summary(rows))
 
     def log_prob(self, observations: Mapping[str, jax.Array], tokens: Tokens) -> jax.Array:

@@ -127,7 +127,7 @@ class LSTMProposal(ProposalNetworkBase):
                                 self._site(address, instance, dist_type)])
 
     def _observation(self, observations):
-        rows = [embed(observations[o.name]) for embed, o in zip(self.observation_embedders, self.spec.observed)]
+        rows = self.embed_observations(observations)
         return self.observation_summary(rows)
 
     def _run(self, state: LSTMState, address, instance, dist_type):

@@ -97,16 +97,63 @@ class LatentSite:
         return 1 if self.is_discrete or self.elementwise else math.prod(self.unconstrained_event_shape)
 
 
+OBSERVATION_SCALES = ("linear", "log", "logit")
+
+
 @dataclasses.dataclass(frozen=True)
 class ObservedSite:
-    """A site that is simulated during training and conditioned on at inference."""
+    """A site that is simulated during training and conditioned on at inference.
+
+    ``scale``: how the network sees its values, from the site's support: ``"log"`` for positive
+    supports (log-normal, gamma, ... observations span orders of magnitude), ``"logit"`` for the unit
+    interval, ``"linear"`` otherwise (and for specs saved before the field existed).
+    """
 
     name: str
     shape: tuple[int, ...]
+    scale: str = "linear"
 
     @property
     def size(self) -> int:
         return math.prod(self.shape)
+
+    def features(self, value: jax.Array) -> jax.Array:
+        """``value`` on the site's ``scale`` (clipped into the open support, so always finite for finite input).
+
+        Example:
+            >>> ObservedSite("obs", (3,), "log").features(jnp.array([1.0, 10.0, 100.0]))   # [0, 2.3, 4.6]
+        """
+        value = jnp.asarray(value, jnp.float32)
+        tiny = jnp.finfo(jnp.float32).tiny
+        if self.scale == "log":
+            return jnp.log(jnp.maximum(value, tiny))
+        if self.scale == "logit":
+            eps = jnp.finfo(jnp.float32).eps
+            return jax.scipy.special.logit(jnp.clip(value, eps, 1 - eps))
+        return value
+
+
+def observation_scale(name: str, msg: dict) -> str:
+    """The :class:`ObservedSite` scale of the observed site ``name`` (its trace entry ``msg``): the site's
+    ``infer={"jaxic": {"scale": ...}}`` if given, else from its support."""
+    options = (msg.get("infer") or {}).get("jaxic", {})
+    if set(options) - {"scale"}:
+        raise ModelError(f"observed site '{name}' has unknown jaxic options {sorted(set(options) - {'scale'})} in "
+                         f"infer={{'jaxic': ...}}; an observed site takes 'scale' ({' / '.join(OBSERVATION_SCALES)}: "
+                         "how the network reads its values).")
+    if "scale" in options:
+        if options["scale"] not in OBSERVATION_SCALES:
+            raise ModelError(f"observed site '{name}' has infer={{'jaxic': {{'scale': {options['scale']!r}}}}}; "
+                             f"it must be one of {', '.join(map(repr, OBSERVATION_SCALES))}.")
+        return options["scale"]
+    support = msg["fn"].support
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    if support is constraints.positive or support is constraints.softplus_positive:
+        return "log"
+    if support is constraints.unit_interval:
+        return "logit"
+    return "linear"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +247,8 @@ class TraceSpec:
         latents = tuple(
             LatentSite(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()}) for s in raw["latents"]
         )
-        observed = tuple(ObservedSite(name=o["name"], shape=tuple(o["shape"])) for o in raw["observed"])
+        observed = tuple(ObservedSite(name=o["name"], shape=tuple(o["shape"]), scale=o.get("scale", "linear"))
+                         for o in raw["observed"])
         return cls(latents=latents, observed=observed, dist_types=tup(raw["dist_types"]),
                    dynamic=raw.get("dynamic", False), max_tokens=raw.get("max_tokens", 0),
                    max_sites_per_run=raw.get("max_sites_per_run"), run_timeout=raw.get("run_timeout"),
@@ -221,9 +269,10 @@ class TraceSpec:
             for field in a:
                 if a[field] != b[field]:
                     lines.append(f"site '{name}': {field} is {a[field]} in the checkpoint but {b[field]} in the model")
-        if [o for o in self.observed] != [o for o in other.observed]:
+        # An observed site's scale is how the network was trained to read it, not part of the model.
+        if [(o.name, o.shape) for o in self.observed] != [(o.name, o.shape) for o in other.observed]:
             lines.append(f"observed sites differ: checkpoint {self.observed}, model {other.observed}")
-        if not lines and self != other:
+        if not lines and dataclasses.replace(self, observed=other.observed) != other:
             lines.append("the order of latent sites differs")
         return "\n".join(sorted(lines))
 
@@ -473,7 +522,8 @@ def derive_trace_spec(model: Callable, observed: Sequence[str], key: jax.Array |
     samples = {n: s for n, s in trace.items() if s["type"] == "sample"}
     check_observed(samples, observed)
     latents = _lay_out(samples, observed, recorder.groups, elementwise)
-    obs_sites = tuple(ObservedSite(n, tuple(jnp.shape(samples[n]["value"]))) for n in observed)
+    obs_sites = tuple(ObservedSite(n, tuple(jnp.shape(samples[n]["value"])), observation_scale(n, samples[n]))
+                      for n in observed)
     check_jittable(model)
     dist_types = tuple(sorted({s.dist_type for s in latents}))
     return TraceSpec(latents=tuple(latents), observed=obs_sites, dist_types=dist_types,
