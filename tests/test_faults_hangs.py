@@ -291,11 +291,22 @@ def _cheap_model():
     numpyro.sample("obs", dist.Normal(x, 1.0))
 
 
+def _slow_model():
+    """Every model run (one per batch of traces) takes 50 ms: a chunk lasts well past the thresholds below."""
+    def pause(x):
+        time.sleep(0.05)
+        return np.asarray(x)
+
+    x = numpyro.sample("x", dist.Normal(0.0, 1.0))
+    x = jax.pure_callback(pause, jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32), x, vmap_method="broadcast_all")
+    numpyro.sample("obs", dist.Normal(x, 1.0))
+
+
 def test_training_chunks_are_watched_naming_their_steps(monkeypatch):
     # Thresholds far below a chunk's time, so that every chunk counts as stalled.
-    monkeypatch.setattr(jaxic.loops, "COMPILE_STALL_WARNING_SECONDS", 1e-4)
-    monkeypatch.setattr(jaxic.loops, "STALL_WARNING_SECONDS", 1e-4)
-    compiled = jaxic.compile(_cheap_model, ["obs"], jax.random.key(0), num_steps=0, batch_size=4,
+    monkeypatch.setattr(jaxic.loops, "COMPILE_STALL_WARNING_SECONDS", 0.01)
+    monkeypatch.setattr(jaxic.loops, "STALL_WARNING_SECONDS", 0.01)
+    compiled = jaxic.compile(_slow_model, ["obs"], jax.random.key(0), num_steps=0, batch_size=4,
                              validation_size=4, network=SMALL, progress=False)
     with pytest.warns(jaxic.StallWarning, match=r"training steps 0-2 \(compiling, then running\) has been running"):
         compiled.train(3, progress=False)
