@@ -123,14 +123,12 @@ class ObservedSite:
         Example:
             >>> ObservedSite("obs", (3,), "log").features(jnp.array([1.0, 10.0, 100.0]))   # [0, 2.3, 4.6]
         """
-        value = jnp.asarray(value, jnp.float32)
-        tiny = jnp.finfo(jnp.float32).tiny
         if self.scale == "log":
-            return jnp.log(jnp.maximum(value, tiny))
+            return jnp.log(jnp.maximum(jnp.asarray(value, jnp.float32), jnp.finfo(jnp.float32).tiny))
         if self.scale == "logit":
             eps = jnp.finfo(jnp.float32).eps
-            return jax.scipy.special.logit(jnp.clip(value, eps, 1 - eps))
-        return value
+            return jax.scipy.special.logit(jnp.clip(jnp.asarray(value, jnp.float32), eps, 1 - eps))
+        return jnp.asarray(value)
 
 
 def observation_scale(name: str, msg: dict) -> str:
