@@ -50,10 +50,18 @@ def environment_lines(script: str, argv: Sequence[str], packages: Sequence[str] 
     ]
 
 
+NOTES_MARKER = "<!-- written by hand below this line: kept when the benchmark rewrites the section -->"
+"""A line in a section after which the text is an analyst's notes: a rerun replaces what is above it only."""
+
+
 def replace_section(text: str, heading: str, body: list[str]) -> str:
     """``text`` with the markdown section ``heading`` replaced by ``body`` (appended if absent).
 
-    A section runs from its heading to the next ``#`` or ``##`` heading.
+    A section runs from its heading to the next ``#`` or ``##`` heading. Lines from :data:`NOTES_MARKER`
+    on (hand-written analysis of the figures) stay, after the new ``body``.
+
+    Example:
+        >>> text = replace_section(Path("benchmarks/RESULTS.md").read_text(), HEADING, table_lines)
     """
     lines = text.splitlines()
     section = [heading, "", *body]
@@ -61,6 +69,9 @@ def replace_section(text: str, heading: str, body: list[str]) -> str:
         start = [line.rstrip() for line in lines].index(heading)
         end = next((i for i in range(start + 1, len(lines)) if re.match(r"#{1,2} ", lines[i])), len(lines))
         before, after = lines[:start], lines[end:]
+        old = [line.rstrip() for line in lines[start:end]]
+        if NOTES_MARKER in old:
+            section += ["", *lines[start + old.index(NOTES_MARKER):end]]
     else:
         before, after = lines, []
     while before and not before[-1].strip():

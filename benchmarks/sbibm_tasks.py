@@ -1,4 +1,4 @@
-"""Five simulation-based-inference benchmark tasks as NumPyro models, transcribed from sbibm 1.1.0's
+"""Eight simulation-based-inference benchmark tasks as NumPyro models, transcribed from sbibm 1.1.0's
 task definitions (``sbibm/tasks/<task>/task.py``).
 
 Reference: J.-M. Lueckmann, J. Boelts, D. S. Greenberg, P. J. Goncalves and J. H. Macke,
@@ -19,6 +19,14 @@ columns follow sbibm's reference CSVs, and ``obs``, the observation in sbibm's s
 * ``sir``: theta = (beta, gamma) ~ LogNormal((log 0.4, log 0.125), (0.5, 0.2)); the SIR ODE with
   N = 1e6, (S, I, R)(0) = (N - 1, 1, 0); obs ~ Binomial(1000, I(t)/N) at t = 0, 17, ..., 153 days
   (sbibm saves daily on [0, 160] and keeps every 17th point).
+* ``gaussian_linear``: theta ~ N(0, 0.1 I) on R^10; obs ~ N(theta, 0.1 I) (covariances, as above); the
+  posterior is N(obs / 2, 0.05 I).
+* ``gaussian_mixture``: theta ~ U(-10, 10)^2; obs ~ 0.5 N(theta, I) + 0.5 N(theta, 0.01 I), one mixture
+  index for the whole vector (summed out in the likelihood).
+* ``slcp``: theta ~ U(-3, 3)^5; obs = 4 draws of N((theta0, theta1), S) flattened to 8 values, S with
+  standard deviations theta2^2, theta3^2 and correlation tanh(theta4), plus 1e-6 on the diagonal.
+  (``slcp_distractors`` and the summary-statistic ``bernoulli_glm`` are left out: the first needs sbibm's
+  pickled torch mixture, the second has no tractable likelihood for importance sampling.)
 * ``lotka_volterra``: theta = (alpha, beta, gamma, delta) ~ LogNormal((-0.125, -3, -0.125, -3), 0.5);
   the predator-prey ODE with (x, y)(0) = (30, 1); obs ~ LogNormal(log clip(u, 1e-10, 1e4), 0.1) at
   t = 0, 2.1, ..., 18.9 (sbibm saves every 0.1 on [0, 20] and keeps every 21st point), ordered
@@ -57,11 +65,12 @@ import numpyro.distributions as dist
 from numpyro.distributions import constraints
 from numpyro.distributions.util import validate_sample
 
-__all__ = ["Task", "TASKS", "TwoMoonsLikelihood", "simulate", "log_likelihood",
+__all__ = ["Task", "TASKS", "TwoMoonsLikelihood", "SLCPLikelihood", "simulate", "log_likelihood",
            "two_moons", "two_moons_prior", "gaussian_linear_uniform", "gaussian_linear_uniform_prior",
            "bernoulli_glm_raw", "bernoulli_glm_prior", "bernoulli_glm_design", "bernoulli_glm_prior_precision",
            "bernoulli_glm_summary", "sir", "sir_prior", "sir_infected_fraction", "lotka_volterra",
-           "lotka_volterra_prior", "lotka_volterra_solution"]
+           "lotka_volterra_prior", "lotka_volterra_solution", "gaussian_linear", "gaussian_linear_prior",
+           "gaussian_mixture", "gaussian_mixture_prior", "gaussian_mixture_likelihood", "slcp", "slcp_prior"]
 
 RTOL = 1e-6
 SIR_ATOL = 1e-12
@@ -349,6 +358,151 @@ def lotka_volterra(obs=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# gaussian_linear
+
+GL_DIM = 10
+GL_PRIOR_VARIANCE = 0.1
+GL_NOISE_VARIANCE = 0.1
+
+
+def gaussian_linear_prior() -> dist.Distribution:
+    """N(0, 0.1 I) on R^10 (covariance 0.1: sbibm passes ``precision_matrix = inverse(0.1 I)``), the prior
+    of ``gaussian_linear``'s theta.
+
+    Example:
+        >>> gaussian_linear_prior().event_shape
+        (10,)
+    """
+    return dist.Normal(jnp.zeros(GL_DIM), math.sqrt(GL_PRIOR_VARIANCE)).to_event(1)
+
+
+def gaussian_linear(obs=None):
+    """sbibm's ``gaussian_linear``: theta ~ N(0, 0.1 I), obs ~ N(theta, 0.1 I); the posterior is
+    N(obs / 2, 0.05 I).
+
+    Example:
+        >>> jaxic.compile(gaussian_linear, observed=["obs"], key=key)
+    """
+    theta = numpyro.sample("theta", gaussian_linear_prior())
+    numpyro.sample("obs", dist.Normal(theta, math.sqrt(GL_NOISE_VARIANCE)).to_event(1), obs=obs)
+
+
+# ----------------------------------------------------------------------------------------------
+# gaussian_mixture
+
+GM_DIM = 2
+GM_PRIOR_BOUND = 10.0
+GM_SCALES = (1.0, 0.1)
+GM_WEIGHTS = (0.5, 0.5)
+
+
+def gaussian_mixture_prior() -> dist.Distribution:
+    """U(-10, 10)^2, the prior of ``gaussian_mixture``'s theta.
+
+    Example:
+        >>> gaussian_mixture_prior().event_shape
+        (2,)
+    """
+    return dist.Uniform(-GM_PRIOR_BOUND * jnp.ones(GM_DIM), GM_PRIOR_BOUND * jnp.ones(GM_DIM)).to_event(1)
+
+
+def gaussian_mixture_likelihood(theta) -> dist.Distribution:
+    """sbibm's simulator as a density: one mixture index per draw picks N(theta, I) or N(theta, 0.01 I)
+    for the whole vector, with probability 1/2 each (the index is summed out).
+
+    Example:
+        >>> gaussian_mixture_likelihood(jnp.zeros(2)).event_shape
+        (2,)
+    """
+    theta = jnp.asarray(theta)
+    scales = jnp.asarray(GM_SCALES)[:, None] * jnp.ones_like(theta)[..., None, :]
+    components = dist.Normal(theta[..., None, :] * jnp.ones((len(GM_SCALES), 1)), scales).to_event(1)
+    return dist.MixtureSameFamily(dist.Categorical(probs=jnp.asarray(GM_WEIGHTS)), components)
+
+
+def gaussian_mixture(obs=None):
+    """sbibm's ``gaussian_mixture``: theta ~ U(-10, 10)^2, obs ~ 0.5 N(theta, I) + 0.5 N(theta, 0.01 I).
+
+    Example:
+        >>> jaxic.compile(gaussian_mixture, observed=["obs"], key=key)
+    """
+    theta = numpyro.sample("theta", gaussian_mixture_prior())
+    numpyro.sample("obs", gaussian_mixture_likelihood(theta), obs=obs)
+
+
+# ----------------------------------------------------------------------------------------------
+# slcp
+
+SLCP_DIM = 5
+SLCP_PRIOR_BOUND = 3.0
+SLCP_NUM_DATA = 4
+SLCP_DIAGONAL_EPS = 1e-6
+
+
+class SLCPLikelihood(dist.Distribution):
+    """sbibm's ``slcp`` simulator: 4 independent draws of a 2-D Gaussian, flattened to 8 values
+    (x1_1, x1_2, x2_1, ...) as sbibm stores them.
+
+    Mean (theta0, theta1); with s1 = theta2^2, s2 = theta3^2, rho = tanh(theta4), the covariance is
+    [[s1^2 + 1e-6, rho s1 s2], [rho s1 s2, s2^2 + 1e-6]] (sbibm squares the squared scales, so the
+    standard deviations are theta2^2 and theta3^2).
+
+    Example:
+        >>> SLCPLikelihood(jnp.ones(5)).sample(jax.random.key(0)).shape
+        (8,)
+    """
+
+    arg_constraints = {"theta": constraints.real_vector}
+    support = constraints.real_vector
+    reparametrized_params = ["theta"]
+
+    def __init__(self, theta, *, validate_args=None):
+        self.theta = jnp.asarray(theta)
+        super().__init__(batch_shape=jnp.shape(self.theta)[:-1], event_shape=(2 * SLCP_NUM_DATA,),
+                         validate_args=validate_args)
+
+    def _gaussian(self) -> dist.MultivariateNormal:
+        t = self.theta
+        s1, s2, rho = t[..., 2] ** 2, t[..., 3] ** 2, jnp.tanh(t[..., 4])
+        off = rho * s1 * s2
+        covariance = jnp.stack([jnp.stack([s1**2 + SLCP_DIAGONAL_EPS, off], -1),
+                                jnp.stack([off, s2**2 + SLCP_DIAGONAL_EPS], -1)], -2)
+        return dist.MultivariateNormal(t[..., :2], covariance_matrix=covariance)
+
+    def sample(self, key, sample_shape=()):
+        draws = self._gaussian().sample(key, tuple(sample_shape) + (SLCP_NUM_DATA,))
+        draws = jnp.moveaxis(draws, len(sample_shape), -2)  # (..., 4, 2): the 4 draws next to their 2 values
+        return draws.reshape(draws.shape[:-2] + (2 * SLCP_NUM_DATA,))
+
+    @validate_sample
+    def log_prob(self, value):
+        value = jnp.broadcast_to(value, jnp.broadcast_shapes(value.shape, self.batch_shape + self.event_shape))
+        pairs = value.reshape(value.shape[:-1] + (SLCP_NUM_DATA, 2))
+        return self._gaussian().log_prob(jnp.moveaxis(pairs, -2, 0)).sum(0)  # the 4 draws in front, then summed
+
+
+def slcp_prior() -> dist.Distribution:
+    """U(-3, 3)^5, the prior of ``slcp``'s theta.
+
+    Example:
+        >>> slcp_prior().event_shape
+        (5,)
+    """
+    return dist.Uniform(-SLCP_PRIOR_BOUND * jnp.ones(SLCP_DIM), SLCP_PRIOR_BOUND * jnp.ones(SLCP_DIM)).to_event(1)
+
+
+def slcp(obs=None):
+    """sbibm's ``slcp`` ("simple likelihood, complex posterior"): theta ~ U(-3, 3)^5, obs = 4 draws of a
+    2-D Gaussian whose mean, scales and correlation are theta (:class:`SLCPLikelihood`).
+
+    Example:
+        >>> jaxic.compile(slcp, observed=["obs"], key=key)
+    """
+    theta = numpyro.sample("theta", slcp_prior())
+    numpyro.sample("obs", SLCPLikelihood(theta), obs=obs)
+
+
+# ----------------------------------------------------------------------------------------------
 # Registry and helpers
 
 
@@ -385,6 +539,9 @@ TASKS: dict[str, Task] = {
     "bernoulli_glm_raw": Task("bernoulli_glm_raw", bernoulli_glm_raw, GLM_DIM, GLM_BINS, bernoulli_glm_prior),
     "sir": Task("sir", sir, 2, 10, sir_prior),
     "lotka_volterra": Task("lotka_volterra", lotka_volterra, 4, 20, lotka_volterra_prior),
+    "gaussian_linear": Task("gaussian_linear", gaussian_linear, GL_DIM, GL_DIM, gaussian_linear_prior),
+    "gaussian_mixture": Task("gaussian_mixture", gaussian_mixture, GM_DIM, GM_DIM, gaussian_mixture_prior),
+    "slcp": Task("slcp", slcp, SLCP_DIM, 2 * SLCP_NUM_DATA, slcp_prior),
 }
 
 

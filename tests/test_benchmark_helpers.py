@@ -15,7 +15,8 @@ import pytest
 import jaxic
 from benchmarks.flops import dot_flops, matmul_flops, matmul_products
 from benchmarks.pedagogical_metrics import heldout_log_q, heldout_loss, train_for
-from benchmarks.results_io import REPO_ROOT, portable, repo_relative, write_results_json
+from benchmarks.results_io import (NOTES_MARKER, REPO_ROOT, portable, replace_section, repo_relative,
+                                   write_results_json)
 from jaxic.models import pedagogical
 
 # The tests of the trained-network helpers and the FLOP counter are the slow tier (marked one by one);
@@ -84,6 +85,18 @@ def test_matmul_flops_count_scan_bodies_per_iteration():
 
 BENCHMARKS = REPO_ROOT / "benchmarks"
 MACHINE_PATH = re.compile(r"/work/|/home/|/tmp/|/Users/|/root/|[A-Za-z]:\\\\")
+
+
+def test_a_rerun_replaces_the_measured_part_of_its_section_and_keeps_the_notes():
+    text = ("# jaxic benchmarks\n\n## A\n\n| old table |\n\n" + NOTES_MARKER + "\n- why the old table looks so\n\n"
+            "## B\n\nother section\n")
+    new = replace_section(text, "## A", ["| new table |"])
+    assert "| old table |" not in new and "| new table |" in new
+    assert new.index("| new table |") < new.index(NOTES_MARKER) < new.index("- why the old table looks so") < new.index("## B")
+    assert new.endswith("## B\n\nother section\n")
+    assert replace_section(new, "## A", ["| newer |"]).count(NOTES_MARKER) == 1
+    # Without the marker the whole section is the script's.
+    assert replace_section("## A\n\nold\n", "## A", ["new"]) == "## A\n\nnew\n"
 
 
 def test_repo_relative_inside_the_root_and_relative_to_the_current_folder(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from benchmarks import sbibm_reference as ref  # noqa: E402
-from benchmarks.sbibm_tasks import (TASKS, TwoMoonsLikelihood, bernoulli_glm_design,  # noqa: E402
+from benchmarks.sbibm_tasks import (TASKS, SLCPLikelihood, TwoMoonsLikelihood, bernoulli_glm_design,  # noqa: E402
                                     bernoulli_glm_summary, log_likelihood, simulate, sir_infected_fraction)
 from jaxic import derive_trace_spec  # noqa: E402
 from jaxic.errors import IndexOutOfRangeError, JaxicError  # noqa: E402
@@ -88,6 +88,46 @@ def test_gaussian_linear_uniform_reference_is_truncated_normal_with_variance_0_1
                                rtol=1e-5)
 
 
+def test_gaussian_linear_reference_is_the_conjugate_posterior(cache):
+    # Prior N(0, 0.1 I), noise N(0, 0.1 I): the posterior is N(obs / 2, 0.05 I).
+    obs = ref.observation("gaussian_linear", 1)
+    draws = ref.reference_posterior("gaussian_linear", 1)
+    np.testing.assert_allclose(draws.mean(0), obs / 2, atol=0.012)
+    np.testing.assert_allclose(draws.std(0), math.sqrt(0.05), atol=0.006)
+    expected = stats.norm(draws[:50], math.sqrt(0.1)).logpdf(obs).sum(-1)
+    np.testing.assert_allclose(log_likelihood(TASKS["gaussian_linear"], draws[:50], obs), expected, rtol=1e-5)
+
+
+def test_gaussian_mixture_likelihood_is_the_two_scale_mixture(cache):
+    theta = ref.reference_posterior("gaussian_mixture", 1)[:50]
+    obs = ref.observation("gaussian_mixture", 1)
+    wide = stats.norm(theta, 1.0).logpdf(obs).sum(-1)
+    narrow = stats.norm(theta, 0.1).logpdf(obs).sum(-1)
+    expected = np.logaddexp(wide, narrow) + math.log(0.5)
+    np.testing.assert_allclose(log_likelihood(TASKS["gaussian_mixture"], theta, obs), expected, rtol=1e-5)
+    # One mixture index per draw, shared by both coordinates: the narrow draws are narrow in both.
+    sims = np.asarray(simulate(TASKS["gaussian_mixture"], jax.random.key(0), jnp.zeros((20000, 2))))
+    narrow_x, narrow_y = np.abs(sims[:, 0]) < 0.4, np.abs(sims[:, 1]) < 0.4
+    assert abs(narrow_x.mean() - (0.5 * 0.99994 + 0.5 * 0.3108)) < 0.012
+    assert abs((narrow_x & narrow_y).mean() - (0.5 * 0.99994**2 + 0.5 * 0.3108**2)) < 0.012
+
+
+def test_slcp_likelihood_matches_four_independent_bivariate_normals():
+    theta = np.array([0.5, -1.0, 1.3, -0.7, 0.4])
+    s1, s2, rho = theta[2] ** 2, theta[3] ** 2, np.tanh(theta[4])
+    covariance = np.array([[s1**2 + 1e-6, rho * s1 * s2], [rho * s1 * s2, s2**2 + 1e-6]])
+    x = np.random.default_rng(0).normal(size=8)
+    expected = stats.multivariate_normal(theta[:2], covariance).logpdf(x.reshape(4, 2)).sum()
+    np.testing.assert_allclose(float(SLCPLikelihood(jnp.asarray(theta)).log_prob(jnp.asarray(x))), expected, rtol=1e-5)
+    # The simulator lays the 4 draws out as (x1_1, x1_2, x2_1, ...): every pair has the same mean and covariance.
+    sims = np.asarray(SLCPLikelihood(jnp.asarray(theta)).sample(jax.random.key(1), (20000,))).reshape(-1, 4, 2)
+    for i in range(4):
+        np.testing.assert_allclose(sims[:, i].mean(0), theta[:2], atol=0.03)
+        np.testing.assert_allclose(np.cov(sims[:, i].T), covariance, rtol=0.05, atol=0.01)
+    # A batch of theta gives one log density per theta.
+    assert SLCPLikelihood(jnp.zeros((3, 5)) + 1.0).log_prob(jnp.zeros(8)).shape == (3,)
+
+
 def test_bernoulli_glm_design_reproduces_sbibm(cache):
     # sbibm's design_matrix.pt (legacy torch format) ends with the raw float32 storage of the matrix.
     stored = (cache / "sbibm" / "tasks" / "bernoulli_glm" / "files" / "design_matrix.pt").read_bytes()
@@ -131,7 +171,8 @@ def test_two_moons_observation_within_simulator_spread(cache):
     assert np.isfinite(np.asarray(log_likelihood(task, ref.reference_posterior("two_moons", 1)[:500], obs))).all()
 
 
-@pytest.mark.parametrize("name", ["sir", "lotka_volterra", "bernoulli_glm_raw"])
+@pytest.mark.parametrize("name", ["sir", "lotka_volterra", "bernoulli_glm_raw", "gaussian_linear", "gaussian_mixture",
+                                  "slcp"])
 def test_true_parameters_explain_observation(cache, name):
     task = TASKS[name]
     obs = ref.observation(name, 1)

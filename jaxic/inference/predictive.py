@@ -76,12 +76,16 @@ def _vmapped(model: Callable, latents: dict[str, jax.Array], key: jax.Array, bat
     flat = {n: v.reshape((total,) + v.shape[batch_ndims:]) for n, v in latents.items()}
 
     def one(k, draw):
-        trace = run_model(handlers.substitute(model, data=draw), k)
-        return {n: m["value"] for n, m in trace.items()
-                if m["type"] == "deterministic" or (m["type"] == "sample" and n not in draw)}
+        return _predicted(run_model(handlers.substitute(model, data=draw), k), draw)
 
     out = jax.vmap(one)(jax.random.split(key, total), flat)
     return {n: v.reshape(lead + v.shape[1:]) for n, v in out.items()}
+
+
+def _predicted(trace: dict, drawn: dict) -> dict:
+    """What one predictive run returns: its deterministic sites and the samples not taken from the posterior."""
+    return {n: m["value"] for n, m in trace.items()
+            if m["type"] == "deterministic" or (m["type"] == "sample" and n not in drawn)}
 
 
 def _check_weights(posterior: Posterior) -> None:
@@ -110,8 +114,7 @@ def _eager(model: Callable, draws: dict[str, jax.Array], key: jax.Array, batch_n
         # Bounded in time like every eager run, so a model that never ends says where instead of hanging.
         trace = run_bounded(handlers.substitute(model, substitute_fn=substitute_fn), k, timeout=resolve_timeout(None),
                             during=f"posterior predictive draw {i + 1} of {total}")
-        runs.append({n: np.asarray(m["value"]) for n, m in trace.items()
-                     if m["type"] == "deterministic" or (m["type"] == "sample" and n not in draw)})
+        runs.append({n: np.asarray(v) for n, v in _predicted(trace, draw).items()})
     values, executed = stack_deterministic(runs)
     out = {}
     for name, value in values.items():
