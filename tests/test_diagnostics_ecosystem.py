@@ -4,6 +4,7 @@ Everything here runs on exact or deliberately wrong posterior draws of a conjuga
 (no network), so each test is seconds; the compiled-model paths are in test_diagnostics.py.
 """
 
+import re
 import sys
 import warnings
 
@@ -167,6 +168,8 @@ def test_c2st_is_chance_for_one_distribution_and_one_for_shifted():
     x, y = rng.normal(size=(60, 2)), rng.normal(size=(60, 2)) + 3.0
     as_dict = c2st({"b": y[:, 1], "a": y[:, :1]}, {"a": x[:, :1], "b": x[:, 1]}, seed=3)
     assert as_dict == c2st(y, x, seed=3)
+    # Folds trained in two processes give the very same score.
+    assert c2st(y, x, seed=3, n_jobs=2) == as_dict
 
 
 class WeightedDraws:
@@ -189,6 +192,9 @@ def test_c2st_rejects_bad_input_by_name(monkeypatch):
         c2st(x, rng.normal(size=(50, 3)))
     with pytest.raises(JaxicError, match="post.resample"):
         c2st(WeightedDraws(), x)
+    for n_jobs in (0, 1.5, True, "2"):
+        with pytest.raises(JaxicError, match=rf"n_jobs must be None .*got {re.escape(repr(n_jobs))}"):
+            c2st(x, x + 1.0, n_jobs=n_jobs)
     monkeypatch.setitem(sys.modules, "sklearn.neural_network", None)
     with pytest.raises(MissingDependencyError, match=r'pip install "jaxic\[test\]"'):
         c2st(x, x + 1.0)

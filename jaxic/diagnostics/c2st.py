@@ -57,21 +57,27 @@ def _as_matrix(x: Any, name: str, order: Sequence[str] | None) -> tuple[np.ndarr
     return a, [], [f"column {i}" for i in range(a.shape[1])]
 
 
-def c2st(draws: Any, reference: Any, *, seed: int = 0, n_folds: int = 5) -> float:
+def c2st(draws: Any, reference: Any, *, seed: int = 0, n_folds: int = 5, n_jobs: int | None = None) -> float:
     """Cross-validated accuracy of a classifier telling ``draws`` from ``reference``.
 
     ``draws`` and ``reference`` are unweighted samples: arrays ``(num_draws, *shape)`` or
     dicts of sites with such arrays (flattened and concatenated in the reference's site
     order); their sizes may differ. Follows sbibm's protocol (see the module docstring)
     with stratified ``n_folds``-fold cross-validation shuffled by ``seed`` (also the
-    classifier's seed). Needs scikit-learn.
+    classifier's seed). ``n_jobs`` trains that many folds at once in separate processes
+    (scikit-learn's convention: ``None`` one, ``-1`` one per core); each fold's classifier is
+    seeded alike, so the score does not depend on it. Needs scikit-learn.
 
     Example:
         >>> acc = jaxic.diagnostics.c2st(post.resample(jax.random.key(0), 1000), {"mu": exact_draws})
         >>> acc < 0.55          # close to chance: the posterior matches the reference
+        >>> jaxic.diagnostics.c2st(draws, reference_draws, n_jobs=-1)   # folds on every core
     """
     if int(n_folds) != n_folds or n_folds < 2:
         raise JaxicError(f"n_folds must be an integer >= 2, got {n_folds!r}.")
+    if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs == 0):
+        raise JaxicError(f"n_jobs must be None (one process), a positive number of processes or -1 (one per core), "
+                         f"got {n_jobs!r}.")
     if isinstance(draws, Mapping) != isinstance(reference, Mapping):
         raise JaxicError("give draws and reference in the same form: both arrays or both dicts of sites.")
     ref, order, labels = _as_matrix(reference, "reference", None)
@@ -100,4 +106,5 @@ def c2st(draws: Any, reference: Any, *, seed: int = 0, n_folds: int = 5) -> floa
     data = np.concatenate([ref, x])
     target = np.concatenate([np.zeros(ref.shape[0]), np.ones(x.shape[0])])
     folds = StratifiedKFold(n_splits=int(n_folds), shuffle=True, random_state=seed)
-    return float(np.mean(cross_val_score(classifier, data, target, cv=folds, scoring="accuracy")))
+    return float(np.mean(cross_val_score(classifier, data, target, cv=folds, scoring="accuracy",
+                                         n_jobs=None if n_jobs is None else int(n_jobs))))
