@@ -6,7 +6,7 @@ first run with ``pip download sbibm==1.1.0 --no-deps``).
 
 For every task and simulation budget (``--simulations``), one set of prior predictive simulations is
 drawn and both methods train on exactly that set, holding 10% out for early stopping: jaxic from it as
-an offline trace dataset (``jaxic.tracing.TraceWriter``; ``--epochs`` passes, at least ``--min-steps``
+an offline trace dataset (``jaxic.tracing.write_simulations``; ``--epochs`` passes, at least ``--min-steps``
 and at most ``--max-steps`` optimisation steps, stopping after ``--patience`` validations without a
 better held-out loss and restoring the best parameters), sbi's NPE as ``append_simulations``. Then, for
 each observation in ``--observations``:
@@ -44,8 +44,7 @@ import numpy as np
 
 import jaxic
 from jaxic.diagnostics import c2st
-from jaxic.tracing import TraceDataset, TraceWriter, derive_trace_spec, trace_to_tokens
-from numpyro import handlers
+from jaxic.tracing import TraceDataset, write_simulations
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -69,21 +68,6 @@ def simulations_for(task, simulations: int, seed: int) -> tuple[np.ndarray, np.n
     return theta[finite], x[finite]
 
 
-def write_dataset(task, theta: np.ndarray, x: np.ndarray, folder: Path) -> Path:
-    """The simulations as a jaxic trace dataset: the model conditioned on each (theta, x), as tokens."""
-    spec = derive_trace_spec(task.model, ["obs"])
-
-    def tokens(t, obs):
-        trace = handlers.trace(handlers.seed(handlers.condition(task.model, {"theta": t, "obs": obs}),
-                                             jax.random.key(0))).get_trace()
-        return trace_to_tokens(spec, trace)
-
-    batch = jax.jit(jax.vmap(tokens))(jnp.asarray(theta), jnp.asarray(x, jnp.float32))
-    with TraceWriter(folder, spec, shard_size=len(theta)) as writer:
-        writer.add(*batch)
-    return folder
-
-
 def marginals(draws: np.ndarray, ref: np.ndarray) -> dict:
     """Per parameter, how the draws' marginal sits against the reference: mean shift in reference sds, and
     sd ratio; which parameter a high C2ST comes from."""
@@ -99,7 +83,8 @@ def jaxic_runs(task, theta: np.ndarray, x: np.ndarray, args, folder: Path) -> li
     per_epoch = max((simulations - holdout) // args.batch_size, 1)
     steps = min(max(args.epochs * per_epoch, args.min_steps), args.max_steps)
     start = time.perf_counter()
-    dataset = TraceDataset(write_dataset(task, theta, x, folder), holdout=holdout)
+    write_simulations(folder, task.model, {"theta": theta, "obs": x}, ["obs"], shard_size=len(theta))
+    dataset = TraceDataset(folder, holdout=holdout)
     compiled = jaxic.compile(task.model, ["obs"], jax.random.key(args.seed), num_steps=steps, dataset=dataset,
                              batch_size=args.batch_size, validation_size=holdout, patience=args.patience,
                              progress=False)

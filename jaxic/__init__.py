@@ -16,11 +16,13 @@ from jaxic.export import to_arviz
 from jaxic.inference import Posterior, predictive
 from jaxic.proposal import Proposal, importance_sample
 from jaxic.networks import TransformerConfig
-from jaxic.tracing import TraceDataset, TraceSpec, TraceWriter, derive_trace_spec, sample_joint, write_traces
+from jaxic.tracing import (TraceDataset, TraceSpec, TraceWriter, derive_trace_spec, sample_joint, write_simulations,
+                           write_traces)
 
 __version__ = "0.1.0"
 
 __all__ = ["control_flow", "bounded_while", "rejection_sample", "TraceDataset", "TraceWriter", "write_traces",
+           "write_simulations",
            "CompiledModel", "TrainConfig", "compile", "load", "CheckpointError", "JaxicError", "ModelError", "StallWarning",
            "ObservationError", "UnsupportedDistributionError", "IndexOutOfRangeError", "UnknownSiteError",
            "UntraceableModelError",

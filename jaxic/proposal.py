@@ -90,6 +90,40 @@ def bind(model: Callable, model_args: Sequence = (), model_kwargs: Mapping | Non
     return functools.partial(model, *tuple(model_args), **dict(model_kwargs or {}))
 
 
+def check_dataset_fits(dataset: TraceDataset, model: Callable, observed: Sequence[str]) -> None:
+    """Raise a :class:`JaxicError` naming the site where ``dataset``'s traces do not fit ``model``: a latent
+    or observed site missing, added, of another shape or support (a dataset of another model would train a
+    proposal whose importance weights are wrong).
+
+    Example:
+        >>> check_dataset_fits(TraceDataset("sims/"), functools.partial(model, M=2), ["obs"])
+    """
+    saved = dataset.spec
+    if saved.dynamic:  # universal traces: addresses are discovered, the model is run eagerly at inference
+        return
+    if sorted(o.name for o in saved.observed) != sorted(observed):
+        raise JaxicError(f"dataset '{dataset.path}' observes {[o.name for o in saved.observed]} but observed="
+                         f"{list(observed)}: pass the observed sites the dataset was written with.")
+    here = derive_trace_spec(model, observed)
+    describe = lambda s: (s.batch_shape + s.event_shape, s.support, s.is_discrete)
+    theirs = {s.name: describe(s) for s in saved.latents}
+    ours = {s.name: describe(s) for s in here.latents}
+    for name in sorted(set(theirs) | set(ours)):
+        if name not in ours or name not in theirs:
+            where = "the dataset's traces" if name in theirs else "the model"
+            raise JaxicError(f"site '{name}' is only in {where}: dataset '{dataset.path}' was written from another "
+                             "model (or other model arguments). Write the dataset again from this model.")
+        if ours[name] != theirs[name]:
+            raise JaxicError(f"site '{name}' has shape {ours[name][0]} and support {ours[name][1]} in the model "
+                             f"but {theirs[name][0]} and {theirs[name][1]} in dataset '{dataset.path}': write the "
+                             "dataset again from this model (with the same model arguments).")
+    shapes = {o.name: o.shape for o in here.observed}
+    for o in saved.observed:
+        if shapes[o.name] != o.shape:
+            raise JaxicError(f"observed site '{o.name}' has shape {shapes[o.name]} in the model but {o.shape} in "
+                             f"dataset '{dataset.path}': write the dataset again from this model.")
+
+
 # --- construction ---------------------------------------------------------------------------
 def init(model: Callable, observed: Sequence[str], key: jax.Array, *, network: Any = None,
          model_args: Sequence = (), model_kwargs: Mapping | None = None, path: str = "auto",
@@ -112,6 +146,8 @@ def init(model: Callable, observed: Sequence[str], key: jax.Array, *, network: A
     plate = local_plate_of(full, local_plate, observed) if local_plate is not None else None
     bound = plate.element_model(full, 0) if plate is not None else full
     init_key, stats_key, _, _ = jax.random.split(key, 4)
+    if spec is None and dataset is not None:
+        check_dataset_fits(dataset, bound, observed)
     if spec is None:
         spec = dataset.spec if dataset is not None else derive_spec(
             bound, observed, "masked" if plate is not None else path, stats_key, pilot_traces, max_tokens,

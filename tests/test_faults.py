@@ -2,7 +2,8 @@
 
 The other parts of the catalogue: bad inputs (test_faults_inputs.py), checkpoints
 (test_faults_checkpoint.py), non-finite draws (test_faults_nonfinite.py), hanging models
-(test_faults_hangs.py), diagnostics on NaN (test_faults_diagnostics.py).
+(test_faults_hangs.py), diagnostics on NaN (test_faults_diagnostics.py), trace datasets and given
+simulations (test_faults_datasets.py).
 """
 
 import os

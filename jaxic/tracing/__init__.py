@@ -6,7 +6,7 @@ elsewhere come in as offline datasets of shards. Every eager run is bounded in s
 and seconds (:mod:`jaxic.tracing.limits`), so a model that never ends raises an error.
 """
 
-from jaxic.tracing.dataset import TraceDataset, TraceWriter, write_traces
+from jaxic.tracing.dataset import TraceDataset, TraceWriter, check_new_folder, write_simulations, write_traces
 from jaxic.tracing.params import ParameterisedModel, find_model_params
 from jaxic.tracing.spec import (DeterministicSite, LatentSite, abstract_trace, ObservedSite, TraceSpec, derive_trace_spec,
                                 default_elementwise, deterministic_values, from_tokens, token_mask)
@@ -17,6 +17,6 @@ from jaxic.tracing.universal import (derive_universal_spec, pack_trace, run_boun
 
 __all__ = ["DeterministicSite", "deterministic_values", "stack_deterministic", "LatentSite", "ObservedSite", "TraceSpec", "derive_trace_spec", "from_tokens", "Tokens",
            "default_elementwise", "token_mask",
-           "sample_joint", "trace_to_tokens", "TraceDataset", "TraceWriter", "write_traces",
+           "sample_joint", "trace_to_tokens", "TraceDataset", "TraceWriter", "write_traces", "write_simulations", "check_new_folder",
            "derive_universal_spec", "pack_trace", "sample_universal", "ParameterisedModel", "find_model_params", "abstract_trace",
            "limit_sites", "time_limit", "user_frame", "run_bounded"]
