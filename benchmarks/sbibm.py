@@ -41,6 +41,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 
 import jaxic
 from jaxic.diagnostics import c2st
@@ -54,6 +55,12 @@ import sbibm_reference as reference  # noqa: E402
 from sbibm_tasks import TASKS, simulate  # noqa: E402
 
 HEADING = "## SBI benchmark: C2ST against sbibm's reference posteriors (benchmarks/sbibm.py)"
+
+
+NPE_LABEL = "sbi NPE"
+# Groups stored before 2026-11-30 20:00 UTC built NPE without the prior, so its draws outside the prior's support were
+# kept; their stored groups carry this name.
+NPE_WITHOUT_PRIOR = "sbi NPE (prior not passed)"
 
 
 def simulations_for(task, simulations: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,6 +114,31 @@ def jaxic_runs(task, theta: np.ndarray, x: np.ndarray, args, folder: Path) -> li
     return rows
 
 
+def torch_prior(prior: dist.Distribution):
+    """The task's NumPyro prior as the torch distribution sbi takes (``NPE(prior=...)``): with it sbi
+    rejects posterior draws outside the prior's support, as an sbi user's NPE does.
+
+    Example:
+        >>> torch_prior(TASKS["two_moons"].prior())   # sbi's BoxUniform on (-1, 1)^2
+    """
+    import torch
+    from sbi.utils import BoxUniform
+
+    as_tensor = lambda a: torch.as_tensor(np.array(a, np.float32))
+    if isinstance(prior, dist.MultivariateNormal):
+        return torch.distributions.MultivariateNormal(as_tensor(prior.loc), as_tensor(prior.covariance_matrix))
+    base = prior.base_dist if isinstance(prior, dist.Independent) else None
+    if isinstance(base, dist.Uniform):
+        return BoxUniform(as_tensor(base.low), as_tensor(base.high))
+    if isinstance(base, dist.LogNormal):
+        return torch.distributions.Independent(torch.distributions.LogNormal(as_tensor(base.loc),
+                                                                             as_tensor(base.scale)), 1)
+    if isinstance(base, dist.Normal):
+        return torch.distributions.Independent(torch.distributions.Normal(as_tensor(base.loc),
+                                                                          as_tensor(base.scale)), 1)
+    raise ValueError(f"no torch prior for {prior!r}: add its case to torch_prior")
+
+
 def npe_runs(task, theta: np.ndarray, x: np.ndarray, args, folder: Path) -> list[dict]:
     """sbi's NPE (default density estimator and training loop) on the same simulations; its TensorBoard
     log goes to ``folder`` (by default sbi writes ``sbi-logs/`` into the working directory)."""
@@ -116,7 +148,8 @@ def npe_runs(task, theta: np.ndarray, x: np.ndarray, args, folder: Path) -> list
 
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    inference = NPE(show_progress_bars=False, summary_writer=SummaryWriter(log_dir=str(folder)))
+    inference = NPE(prior=torch_prior(task.prior()), show_progress_bars=False,
+                    summary_writer=SummaryWriter(log_dir=str(folder)))
     inference.append_simulations(torch.as_tensor(theta, dtype=torch.float32), torch.as_tensor(x, dtype=torch.float32))
     estimator = inference.train(show_train_summary=False)
     posterior = inference.build_posterior(estimator)
@@ -128,7 +161,7 @@ def npe_runs(task, theta: np.ndarray, x: np.ndarray, args, folder: Path) -> list
         start = time.perf_counter()
         obs = torch.as_tensor(np.asarray(reference.observation(task.name, k), np.float32).reshape(1, -1))
         draws = posterior.sample((args.draws,), x=obs, show_progress_bars=False).numpy()
-        rows.append({"task": task.name, "simulations": len(theta), "observation": k, "method": "sbi NPE",
+        rows.append({"task": task.name, "simulations": len(theta), "observation": k, "method": NPE_LABEL,
                      "train_s": train_s, "sample_s": time.perf_counter() - start, "steps": epochs,
                      "c2st_raw": c2st(draws, ref, n_jobs=args.c2st_jobs), "c2st_is": float("nan"),
                      "ess_fraction": float("nan"),
@@ -201,18 +234,22 @@ def figure(groups: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     pairs = list(dict.fromkeys((g["task"], g["simulations"]) for g in groups))
-    series = [("sbi NPE", "c2st_raw", "sbi NPE"), ("jaxic", "c2st_raw", "jaxic raw"), ("jaxic", "c2st_is", "jaxic after IS")]
+    series = [((NPE_LABEL, NPE_WITHOUT_PRIOR), "c2st_raw", "sbi NPE (hatched: prior not passed)"),
+              (("jaxic",), "c2st_raw", "jaxic raw"), (("jaxic",), "c2st_is", "jaxic after IS")]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(pairs)), 3.6))
     width = 0.8 / len(series)
     for j, (method, score, label) in enumerate(series):
-        xs, means, worsts = [], [], []
+        xs, means, worsts, hatches = [], [], [], []
         for i, pair in enumerate(pairs):
-            match = [g for g in groups if (g["task"], g["simulations"]) == pair and g["method"] == method]
+            match = [g for name in method for g in groups if (g["task"], g["simulations"]) == pair and g["method"] == name]
             if match and np.isfinite(match[0][score][0]):
                 xs.append(i + (j - 1) * width)
                 means.append(match[0][score][0])
                 worsts.append(match[0][score][1])
-        ax.bar(xs, np.array(means) - 0.5, width, bottom=0.5, label=label)
+                hatches.append("//" if match[0]["method"] == NPE_WITHOUT_PRIOR else "")
+        bars = ax.bar(xs, np.array(means) - 0.5, width, bottom=0.5, label=label)
+        for bar, hatch in zip(bars, hatches):
+            bar.set_hatch(hatch)
         ax.plot(xs, worsts, "k_", ms=10)
     ax.axhline(0.55, color="grey", ls="--", lw=1)
     ax.set_xticks(range(len(pairs)), [f"{t}\n{n:,}" for t, n in pairs], fontsize=8)
@@ -240,6 +277,8 @@ def parse_args(argv):
                         help="jaxic: validations (20 per run) without a better held-out loss before stopping")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peers", nargs="*", default=["npe"], choices=["npe"])
+    parser.add_argument("--no-jaxic", action="store_true",
+                        help="run the peers only (on the same seeded simulations as a run with jaxic)")
     parser.add_argument("--c2st-jobs", type=int, default=-1,
                         help="C2ST folds trained at once (-1: one per core; the score does not depend on it)")
     parser.add_argument("--render", action="store_true",
@@ -268,7 +307,8 @@ def main(argv=None) -> None:
         for name in [] if args.render else args.tasks:
             for simulations in args.simulations:
                 theta, x = simulations_for(TASKS[name], simulations, args.seed)
-                rows = jaxic_runs(TASKS[name], theta, x, args, Path(scratch) / f"{name}-{simulations}")
+                rows = [] if args.no_jaxic else jaxic_runs(TASKS[name], theta, x, args,
+                                                           Path(scratch) / f"{name}-{simulations}")
                 if "npe" in peers:
                     rows += npe_runs(TASKS[name], theta, x, args, Path(scratch) / f"{name}-{simulations}-sbi-logs")
                 for r in rows:  # which observation and which parameter a high C2ST comes from
@@ -287,8 +327,9 @@ def main(argv=None) -> None:
         f"- Protocol: both methods train on the same simulations (prior predictive draws, seed {args.seed}), "
         f"10% held out for early stopping. jaxic: its defaults, batch size {args.batch_size}, "
         f"min(max({args.epochs} epochs, {args.min_steps:,} steps), {args.max_steps:,} steps), patience {args.patience} "
-        f"validations, best validated parameters restored; sbi: NPE() with its default estimator and "
-        f"training loop. {args.draws:,} draws per observation against as many reference draws; IS draws resampled from "
+        f"validations, best validated parameters restored; sbi: NPE(prior=the task's prior) with its default "
+        f"estimator and training loop, so that draws outside the prior's support are rejected as sbi does "
+        f"(\"{NPE_WITHOUT_PRIOR}\": earlier runs without it). {args.draws:,} draws per observation against as many reference draws; IS draws resampled from "
         f"{args.oversample}x as many particles; C2ST = jaxic.diagnostics.c2st (sbibm's classifier and folds)"
         + ("." if args.render else f"; peers in this run: {peer_note}."),
         f"- The table holds every (task, budget, method) measured so far (`{repo_relative(args.results)}`); a run "

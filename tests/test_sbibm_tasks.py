@@ -218,6 +218,23 @@ def test_sbibm_results_add_up_across_runs_and_a_run_replaces_what_it_measures():
     assert lines[-2:] == ["1. d2: `c2` (?; ?)", "2. d1: `c1` (?; ?)"]
 
 
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_the_prior_sbi_is_given_is_the_tasks_prior(name):
+    """benchmarks/sbibm.py builds sbi's NPE with the task's prior (so sbi rejects draws outside its support):
+    the torch prior has the NumPyro prior's log density on its draws and the same support."""
+    pytest.importorskip("sbi")
+    import torch
+    from benchmarks import sbibm
+    prior = TASKS[name].prior()
+    theta = np.asarray(TASKS[name].prior_sample(jax.random.key(0), 200))
+    torch_prior = sbibm.torch_prior(prior)
+    np.testing.assert_allclose(torch_prior.log_prob(torch.as_tensor(theta)).numpy(), np.asarray(prior.log_prob(theta)),
+                               rtol=1e-5, atol=1e-4)
+    outside = theta * 100.0 + 1e3  # beyond every bounded prior here, inside the unbounded ones
+    inside_numpyro = np.asarray(prior.support(jnp.asarray(outside)))
+    assert (torch_prior.support.check(torch.as_tensor(outside)).numpy() == inside_numpyro).all()
+
+
 STALLING_DRAW = textwrap.dedent("""
     import hashlib, sys, jax, jax.numpy as jnp, numpy as np, numpyro, numpyro.distributions as dist
     from benchmarks.sbibm_tasks import sir_infected_fraction
