@@ -105,12 +105,12 @@ def jaxic_runs(task, theta: np.ndarray, x: np.ndarray, args, folder: Path) -> li
         post = compiled.posterior(jax.random.key(20 + k), obs, args.draws * args.oversample)
         resampled = np.asarray(post.resample(jax.random.key(30 + k), args.draws)["theta"])
         sample_s = time.perf_counter() - start
-        rows.append({"task": task.name, "simulations": simulations, "observation": k, "method": "jaxic",
-                     "train_s": train_s, "sample_s": sample_s, "steps": compiled.step,
-                     "best_step": compiled.best_step, "c2st_raw": c2st(raw, ref, n_jobs=args.c2st_jobs),
-                     "c2st_is": c2st(resampled, ref, n_jobs=args.c2st_jobs),
-                     "ess_fraction": float(post.ess) / post.num_samples, "raw": marginals(raw, ref),
-                     "is": marginals(resampled, ref)})
+        rows.append(report({"task": task.name, "simulations": simulations, "observation": k, "method": "jaxic",
+                            "train_s": train_s, "sample_s": sample_s, "steps": compiled.step,
+                            "best_step": compiled.best_step, "c2st_raw": c2st(raw, ref, n_jobs=args.c2st_jobs),
+                            "c2st_is": c2st(resampled, ref, n_jobs=args.c2st_jobs),
+                            "ess_fraction": float(post.ess) / post.num_samples, "raw": marginals(raw, ref),
+                            "is": marginals(resampled, ref)}))
     return rows
 
 
@@ -161,12 +161,27 @@ def npe_runs(task, theta: np.ndarray, x: np.ndarray, args, folder: Path) -> list
         start = time.perf_counter()
         obs = torch.as_tensor(np.asarray(reference.observation(task.name, k), np.float32).reshape(1, -1))
         draws = posterior.sample((args.draws,), x=obs, show_progress_bars=False).numpy()
-        rows.append({"task": task.name, "simulations": len(theta), "observation": k, "method": NPE_LABEL,
-                     "train_s": train_s, "sample_s": time.perf_counter() - start, "steps": epochs,
-                     "c2st_raw": c2st(draws, ref, n_jobs=args.c2st_jobs), "c2st_is": float("nan"),
-                     "ess_fraction": float("nan"),
-                     "raw": marginals(draws, ref)})
+        sample_s = time.perf_counter() - start
+        # The share of the flow's own draws that sbi rejects for leaving the prior's support (what an NPE
+        # built without the prior would have kept).
+        unrejected = posterior.sample((args.draws,), x=obs, show_progress_bars=False, reject_outside_prior=False)
+        outside = 1.0 - float(posterior.prior.support.check(unrejected).float().mean())
+        rows.append(report({"task": task.name, "simulations": len(theta), "observation": k, "method": NPE_LABEL,
+                            "train_s": train_s, "sample_s": sample_s, "steps": epochs,
+                            "c2st_raw": c2st(draws, ref, n_jobs=args.c2st_jobs), "c2st_is": float("nan"),
+                            "ess_fraction": float("nan"), "outside_prior": outside,
+                            "raw": marginals(draws, ref)}))
     return rows
+
+
+def report(row: dict) -> dict:
+    """Print one observation's scores as soon as they are measured (a group's table comes at its end); which
+    observation and which parameter a high C2ST comes from."""
+    leak = f", draws outside the prior {row['outside_prior']:.4f}" if "outside_prior" in row else ""
+    print(f"  {row['task']} {row['simulations']:,} {row['method']} observation {row['observation']}: C2ST raw "
+          f"{row['c2st_raw']:.3f}, after IS {row['c2st_is']:.3f}, ESS/N {row['ess_fraction']:.4f}{leak}; raw "
+          f"shift {row['raw']['shift']}, width {row['raw']['width']}", flush=True)
+    return row
 
 
 def trained(row: dict) -> str:
@@ -311,10 +326,6 @@ def main(argv=None) -> None:
                                                            Path(scratch) / f"{name}-{simulations}")
                 if "npe" in peers:
                     rows += npe_runs(TASKS[name], theta, x, args, Path(scratch) / f"{name}-{simulations}-sbi-logs")
-                for r in rows:  # which observation and which parameter a high C2ST comes from
-                    print(f"  {r['task']} {r['simulations']:,} {r['method']} observation {r['observation']}: C2ST raw "
-                          f"{r['c2st_raw']:.3f}, after IS {r['c2st_is']:.3f}, ESS/N {r['ess_fraction']:.4f}; raw "
-                          f"shift {r['raw']['shift']}, width {r['raw']['width']}", flush=True)
                 new = summarise(rows, run)
                 print("\n".join(table(new)[2:-3]), flush=True)
                 groups = merge(groups, new)
