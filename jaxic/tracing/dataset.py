@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 
+from jaxic import validation as checks
 from jaxic.errors import CheckpointError, JaxicError, ObservationError, UntraceableModelError
 from jaxic.tracing.spec import TraceSpec, derive_trace_spec, run_model, token_mask
 from jaxic.tracing.traces import Tokens, sample_joint, trace_to_tokens
@@ -79,8 +80,7 @@ class TraceWriter:
     """
 
     def __init__(self, path: str | os.PathLike, spec: TraceSpec, shard_size: int = 10_000):
-        if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
-            raise JaxicError(f"shard_size must be a positive int (traces per shard file), got {shard_size!r}.")
+        shard_size = checks.positive_int("shard_size", shard_size)
         self.path, self.spec, self.shard_size = check_new_folder(path), spec, shard_size
         self.path.mkdir(parents=True, exist_ok=True)
         self._shards: list[dict] = []
@@ -183,10 +183,10 @@ def write_simulations(path: str | os.PathLike, model: Callable, simulations: Map
         >>> write_simulations("sims/", model, {"theta": theta, "obs": x}, observed=["obs"])
         >>> compiled = jaxic.compile(model, ["obs"], jax.random.key(0), dataset="sims/", num_steps=5000)
     """
-    from jaxic import validation as checks
     from jaxic.proposal import bind
 
     check_new_folder(path)
+    chunk = checks.positive_int("chunk", chunk)
     bound = bind(checks.model_callable(model), model_args, model_kwargs)
     observed = checks.observed_names(observed)
     if spec is None:
@@ -198,8 +198,6 @@ def write_simulations(path: str | os.PathLike, model: Callable, simulations: Map
     if spec.dynamic:
         raise JaxicError("write_simulations needs a fixed token layout (a jittable model); for a universal-path "
                          "spec write each trace with TraceWriter(path, spec).add_trace.")
-    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-        raise JaxicError(f"chunk must be a positive int (rows traced per compiled call), got {chunk!r}.")
     rows = _simulation_rows(spec, simulations)
     num = next(iter(rows.values())).shape[0]
     size = min(chunk, num)
@@ -260,7 +258,7 @@ def _simulation_rows(spec: TraceSpec, simulations: Mapping[str, Any]) -> dict[st
     rows, lengths = {}, {}
     for name, want in shapes.items():
         value = np.asarray(simulations[name])
-        if value.dtype == object or not (np.issubdtype(value.dtype, np.number) or value.dtype == bool):
+        if not (np.issubdtype(value.dtype, np.number) or value.dtype == bool):
             raise JaxicError(f"simulations['{name}'] must be a numeric array, got dtype {value.dtype}.")
         if value.ndim == 0 or value.shape[1:] != want:
             need = "(num_simulations" + "".join(f", {d}" for d in want) + ")"
