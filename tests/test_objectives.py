@@ -50,7 +50,9 @@ def check_local_posterior(compiled, data, atol_mean=0.1):
 
 @pytest.mark.slow
 def test_elbo_recovers_conjugate_local_posterior_evidence_and_learns_the_model(data):
-    compiled = jaxic.compile(linear_gaussian, observed=["x"], key=jax.random.key(0), num_steps=800,
+    # 1,600 steps: at 800 the local posterior is still off by up to 0.1 in mean, which SBC over
+    # 100 simulated datasets detects on some CPUs (rounding decides where training has got to).
+    compiled = jaxic.compile(linear_gaussian, observed=["x"], key=jax.random.key(0), num_steps=1600,
                              objective="elbo", data={"x": data}, local_plate="data", batch_size=32,
                              network=SMALL, learning_rate=1e-2, progress=False, model_kwargs={"batch_size": 32})
     theta = check_local_posterior(compiled, data)
