@@ -46,6 +46,7 @@ import numpyro.distributions as dist
 import jaxic
 from jaxic.diagnostics import c2st
 from jaxic.tracing import TraceDataset, write_simulations
+from jaxic.training import default_optimizer
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -83,8 +84,23 @@ def marginals(draws: np.ndarray, ref: np.ndarray) -> dict:
             "width": (draws.std(axis=0) / sd).round(3).tolist()}
 
 
-def jaxic_runs(task, theta: np.ndarray, x: np.ndarray, args, folder: Path) -> list[dict]:
-    """jaxic defaults trained on the fixed simulations (10% held out for early stopping, as sbi does)."""
+def network_overrides(args) -> dict:
+    """The transformer sizes given on the command line (``--d-model``, ``--obs-hidden``): none by default."""
+    sizes = {"d_model": args.d_model, "obs_hidden": args.obs_hidden}
+    return {name: value for name, value in sizes.items() if value is not None}
+
+
+def jaxic_label(args) -> str:
+    """``"jaxic"`` with its defaults; a run that changes the network or the weight decay is kept as its own
+    method, e.g. ``"jaxic (d_model 32, obs_hidden 64, weight decay 0.05)"``."""
+    changes = [f"{name} {value}" for name, value in network_overrides(args).items()]
+    changes += [] if args.weight_decay is None else [f"weight decay {args.weight_decay:g}"]
+    return "jaxic" if not changes else f"jaxic ({', '.join(changes)})"
+
+
+def train_jaxic(task, theta: np.ndarray, x: np.ndarray, args, folder: Path):
+    """jaxic defaults (or the sizes and weight decay in ``args``) trained on the fixed simulations, 10% held
+    out for early stopping as sbi does: ``(compiled, training seconds)``."""
     simulations = len(theta)
     holdout = max(simulations // 10, 1)
     per_epoch = max((simulations - holdout) // args.batch_size, 1)
@@ -92,10 +108,18 @@ def jaxic_runs(task, theta: np.ndarray, x: np.ndarray, args, folder: Path) -> li
     start = time.perf_counter()
     write_simulations(folder, task.model, {"theta": theta, "obs": x}, ["obs"], shard_size=len(theta))
     dataset = TraceDataset(folder, holdout=holdout)
+    network = jaxic.TransformerConfig(**network_overrides(args)) if network_overrides(args) else None
+    optimizer = None if args.weight_decay is None else default_optimizer(steps, weight_decay=args.weight_decay)
     compiled = jaxic.compile(task.model, ["obs"], jax.random.key(args.seed), num_steps=steps, dataset=dataset,
                              batch_size=args.batch_size, validation_size=holdout, patience=args.patience,
-                             progress=False)
-    train_s = time.perf_counter() - start
+                             network=network, optimizer=optimizer, progress=False)
+    return compiled, time.perf_counter() - start
+
+
+def jaxic_runs(task, theta: np.ndarray, x: np.ndarray, args, folder: Path) -> list[dict]:
+    """:func:`train_jaxic`, then raw and importance-resampled draws scored per observation."""
+    simulations = len(theta)
+    compiled, train_s = train_jaxic(task, theta, x, args, folder)
     rows = []
     for k in args.observations:
         obs = {"obs": jnp.asarray(reference.observation(task.name, k), jnp.float32).reshape(task.obs_dim)}
@@ -105,7 +129,7 @@ def jaxic_runs(task, theta: np.ndarray, x: np.ndarray, args, folder: Path) -> li
         post = compiled.posterior(jax.random.key(20 + k), obs, args.draws * args.oversample)
         resampled = np.asarray(post.resample(jax.random.key(30 + k), args.draws)["theta"])
         sample_s = time.perf_counter() - start
-        rows.append(report({"task": task.name, "simulations": simulations, "observation": k, "method": "jaxic",
+        rows.append(report({"task": task.name, "simulations": simulations, "observation": k, "method": jaxic_label(args),
                             "train_s": train_s, "sample_s": sample_s, "steps": compiled.step,
                             "best_step": compiled.best_step, "c2st_raw": c2st(raw, ref, n_jobs=args.c2st_jobs),
                             "c2st_is": c2st(resampled, ref, n_jobs=args.c2st_jobs),
@@ -186,7 +210,7 @@ def report(row: dict) -> dict:
 
 def trained(row: dict) -> str:
     """How long the method trained: jaxic's steps (and the restored best), sbi's epochs."""
-    if row["method"] == "jaxic":
+    if row["method"].startswith("jaxic"):
         return f"{row['steps']:,} steps (best {row['best_step']:,})"
     return "-" if row["steps"] is None else f"{row['steps']} epochs"
 
@@ -224,8 +248,9 @@ def load_groups(path: Path) -> list[dict]:
 
 
 def table(groups: list[dict]) -> list[str]:
-    """The markdown table of ``groups``, and below it the runs the rows come from."""
-    runs = list(dict.fromkeys((g["run"]["date"], g["run"]["command"]) for g in groups))
+    """The markdown table of ``groups``, and below it the runs the rows come from, numbered in the order they
+    ran (a new run takes the next number, so notes that cite a run by number stay right)."""
+    runs = sorted(dict.fromkeys((g["run"]["date"], g["run"]["command"]) for g in groups))
     cell = lambda pair: "-" if not np.isfinite(pair[0]) else f"{pair[0]:.3f} / {pair[1]:.3f}"
     lines = ["| task | simulations | method | observations | C2ST raw mean / worst | C2ST after IS mean / worst | "
              "ESS/N mean | training s | trained | sampling s per observation | run |",
@@ -277,6 +302,22 @@ def figure(groups: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def add_training_options(parser) -> None:
+    """How jaxic trains on the simulations (shared with ``benchmarks/sbibm_capacity.py``)."""
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=40, help="jaxic: passes over the simulations at most")
+    parser.add_argument("--min-steps", type=int, default=5000, help="jaxic: optimisation steps at least")
+    parser.add_argument("--max-steps", type=int, default=60_000, help="jaxic: optimisation steps at most")
+    parser.add_argument("--patience", type=int, default=6,
+                        help="jaxic: validations (20 per run) without a better held-out loss before stopping")
+    parser.add_argument("--d-model", type=int, default=None, help="jaxic: transformer width (default: jaxic's)")
+    parser.add_argument("--obs-hidden", type=int, default=None,
+                        help="jaxic: hidden width of the observation embedder (default: jaxic's)")
+    parser.add_argument("--weight-decay", type=float, default=None,
+                        help="jaxic: AdamW weight decay of its default optimizer (default: jaxic's, 1e-4)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def parse_args(argv):
     parser = benchmark_parser(__doc__, HERE / "RESULTS.md")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -284,13 +325,7 @@ def parse_args(argv):
     parser.add_argument("--observations", type=int, nargs="+", default=list(range(1, 11)))
     parser.add_argument("--draws", type=int, default=10_000, help="draws compared with the reference")
     parser.add_argument("--oversample", type=int, default=20, help="IS particles per resampled draw")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=40, help="jaxic: passes over the simulations at most")
-    parser.add_argument("--min-steps", type=int, default=5000, help="jaxic: optimisation steps at least")
-    parser.add_argument("--max-steps", type=int, default=60_000, help="jaxic: optimisation steps at most")
-    parser.add_argument("--patience", type=int, default=6,
-                        help="jaxic: validations (20 per run) without a better held-out loss before stopping")
-    parser.add_argument("--seed", type=int, default=0)
+    add_training_options(parser)
     parser.add_argument("--peers", nargs="*", default=["npe"], choices=["npe"])
     parser.add_argument("--no-jaxic", action="store_true",
                         help="run the peers only (on the same seeded simulations as a run with jaxic)")

@@ -213,9 +213,25 @@ def test_sbibm_results_add_up_across_runs_and_a_run_replaces_what_it_measures():
     assert [(g["task"], g["method"], g["run"]["date"]) for g in merged] == [
         ("two_moons", "jaxic", "d2"), ("sir", "jaxic", "d2"), ("sir", "sbi NPE", "d1")]  # sbibm's task order
     lines = sbibm.table(merged)
-    assert "| sir | 10,000 | jaxic | 1 | 0.550 / 0.550 | 0.500 / 0.500 | 0.400 | 5 | 100 steps (best 90) | 1.0 | 1 |" in lines
-    assert "| sir | 10,000 | sbi NPE | 1 | 0.800 / 0.800 | - | - | 5 | 100 epochs | 1.0 | 2 |" in lines
-    assert lines[-2:] == ["1. d2: `c2` (?; ?)", "2. d1: `c1` (?; ?)"]
+    assert "| sir | 10,000 | jaxic | 1 | 0.550 / 0.550 | 0.500 / 0.500 | 0.400 | 5 | 100 steps (best 90) | 1.0 | 2 |" in lines
+    assert "| sir | 10,000 | sbi NPE | 1 | 0.800 / 0.800 | - | - | 5 | 100 epochs | 1.0 | 1 |" in lines
+    assert lines[-2:] == ["1. d1: `c1` (?; ?)", "2. d2: `c2` (?; ?)"]  # in the order they ran
+
+
+def test_a_jaxic_run_with_other_sizes_is_kept_as_its_own_method():
+    from benchmarks import sbibm
+    assert sbibm.jaxic_label(sbibm.parse_args([])) == "jaxic"
+    args = sbibm.parse_args(["--d-model", "32", "--obs-hidden", "64", "--weight-decay", "0.05"])
+    assert sbibm.network_overrides(args) == {"d_model": 32, "obs_hidden": 64}
+    assert sbibm.jaxic_label(args) == "jaxic (d_model 32, obs_hidden 64, weight decay 0.05)"
+    row = {"task": "sir", "simulations": 10_000, "observation": 1, "method": sbibm.jaxic_label(args),
+           "train_s": 5.0, "sample_s": 1.0, "steps": 100, "best_step": 90, "c2st_raw": 0.6, "c2st_is": 0.5,
+           "ess_fraction": 0.4}
+    group, = sbibm.summarise([row], {"date": "d", "command": "c"})
+    assert group["trained"] == "100 steps (best 90)"
+    # The default and the variant are two groups of the same task and budget: neither replaces the other.
+    default, = sbibm.summarise([{**row, "method": "jaxic"}], {"date": "d", "command": "c"})
+    assert len(sbibm.merge([default], [group])) == 2
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
