@@ -108,7 +108,8 @@ def train_jaxic(task, theta: np.ndarray, x: np.ndarray, args, folder: Path):
     start = time.perf_counter()
     write_simulations(folder, task.model, {"theta": theta, "obs": x}, ["obs"], shard_size=len(theta))
     dataset = TraceDataset(folder, holdout=holdout)
-    network = jaxic.TransformerConfig(**network_overrides(args)) if network_overrides(args) else None
+    sizes = network_overrides(args)
+    network = jaxic.TransformerConfig(**sizes) if sizes else None
     optimizer = None if args.weight_decay is None else default_optimizer(steps, weight_decay=args.weight_decay)
     compiled = jaxic.compile(task.model, ["obs"], jax.random.key(args.seed), num_steps=steps, dataset=dataset,
                              batch_size=args.batch_size, validation_size=holdout, patience=args.patience,
