@@ -46,7 +46,6 @@ import numpyro.distributions as dist
 import jaxic
 from jaxic.diagnostics import c2st
 from jaxic.tracing import TraceDataset, write_simulations
-from jaxic.training import default_optimizer
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -95,12 +94,14 @@ def jaxic_label(args) -> str:
     method, e.g. ``"jaxic (d_model 32, obs_hidden 64, weight decay 0.05)"``."""
     changes = [f"{name} {value}" for name, value in network_overrides(args).items()]
     changes += [] if args.weight_decay is None else [f"weight decay {args.weight_decay:g}"]
+    changes += ["network chosen by held-out loss"] if args.select else []
     return "jaxic" if not changes else f"jaxic ({', '.join(changes)})"
 
 
 def train_jaxic(task, theta: np.ndarray, x: np.ndarray, args, folder: Path):
-    """jaxic defaults (or the sizes and weight decay in ``args``) trained on the fixed simulations, 10% held
-    out for early stopping as sbi does: ``(compiled, training seconds)``."""
+    """jaxic defaults (or the sizes and weight decay in ``args``, or with ``--select`` the better of
+    :func:`jaxic.compile_best`'s candidates) trained on the fixed simulations, 10% held out for early stopping as
+    sbi does: ``(compiled, training seconds)`` (with ``--select``, the seconds of every candidate)."""
     simulations = len(theta)
     holdout = max(simulations // 10, 1)
     per_epoch = max((simulations - holdout) // args.batch_size, 1)
@@ -109,11 +110,16 @@ def train_jaxic(task, theta: np.ndarray, x: np.ndarray, args, folder: Path):
     write_simulations(folder, task.model, {"theta": theta, "obs": x}, ["obs"], shard_size=len(theta))
     dataset = TraceDataset(folder, holdout=holdout)
     sizes = network_overrides(args)
-    network = jaxic.TransformerConfig(**sizes) if sizes else None
-    optimizer = None if args.weight_decay is None else default_optimizer(steps, weight_decay=args.weight_decay)
-    compiled = jaxic.compile(task.model, ["obs"], jax.random.key(args.seed), num_steps=steps, dataset=dataset,
-                             batch_size=args.batch_size, validation_size=holdout, patience=args.patience,
-                             network=network, optimizer=optimizer, progress=False)
+    common = dict(dataset=dataset, batch_size=args.batch_size, validation_size=holdout, patience=args.patience,
+                  progress=False)
+    if args.select:
+        selection = jaxic.compile_best(task.model, ["obs"], jax.random.key(args.seed), steps, **common)
+        print(f"{task.name}, {simulations:,} simulations, network chosen by held-out loss:\n{selection.summary()}",
+              file=sys.stderr, flush=True)
+        return selection.compiled, time.perf_counter() - start
+    compiled = jaxic.compile(task.model, ["obs"], jax.random.key(args.seed), steps,
+                             network=jaxic.TransformerConfig(**sizes) if sizes else None,
+                             weight_decay=args.weight_decay, **common)
     return compiled, time.perf_counter() - start
 
 
@@ -316,6 +322,9 @@ def add_training_options(parser) -> None:
                         help="jaxic: hidden width of the observation embedder (default: jaxic's)")
     parser.add_argument("--weight-decay", type=float, default=None,
                         help="jaxic: AdamW weight decay of its default optimizer (default: jaxic's, 1e-4)")
+    parser.add_argument("--select", action="store_true",
+                        help="jaxic: train jaxic.compile_best's candidates (its defaults and jaxic.COMPACT_CANDIDATE) "
+                             "and keep the one with the lower held-out loss; kept as its own method")
     parser.add_argument("--seed", type=int, default=0)
 
 

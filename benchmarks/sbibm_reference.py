@@ -2,7 +2,8 @@
 
 sbibm ships, for each task and observation k = 1..10, ``sbibm/tasks/<task>/files/num_observation_<k>/``
 with ``observation.csv``, ``true_parameters.csv`` and ``reference_posterior_samples.csv.bz2``
-(10,000 draws); ``bernoulli_glm_raw`` reads the ``bernoulli_glm`` folder's ``observation_raw.csv``.
+(10,000 draws); ``bernoulli_glm_raw`` reads the ``bernoulli_glm`` folder's ``observation_raw.csv``, and
+``slcp_distractors`` the ``slcp`` folder's ``observation_distractors.csv`` (its reference posterior is slcp's).
 :func:`reference_files` fetches the wheel once with pip into a cache folder (default
 ``$SBIBM_CACHE`` or ``~/.cache/jaxic/sbibm``) and unzips it; the readers never download.
 
@@ -26,13 +27,15 @@ import numpy as np
 from jaxic.errors import IndexOutOfRangeError, JaxicError
 
 __all__ = ["SBIBM_VERSION", "NUM_OBSERVATIONS", "default_cache_dir", "reference_files", "task_folder",
-           "observation", "true_parameters", "reference_posterior"]
+           "observation", "true_parameters", "reference_posterior", "distractor_mixture"]
 
 SBIBM_VERSION = "1.1.0"
 NUM_OBSERVATIONS = 10
 _UNPACKED = f"sbibm-{SBIBM_VERSION}"
 # sbibm task names whose files live in another task's folder, with the observation file they read.
-_ALIASES = {"bernoulli_glm_raw": ("bernoulli_glm", "observation_raw.csv")}
+_ALIASES = {"bernoulli_glm_raw": ("bernoulli_glm", "observation_raw.csv"),
+            "slcp_distractors": ("slcp", "observation_distractors.csv")}
+_DISTRACTORS_CACHE = "slcp_distractors_mixture.npz"
 
 
 def default_cache_dir() -> Path:
@@ -156,3 +159,44 @@ def reference_posterior(task: str, k: int, cache_dir: str | Path | None = None) 
         (10000, 4)
     """
     return _read_csv(_observation_dir(task, k, cache_dir) / "reference_posterior_samples.csv.bz2", cache_dir)
+
+
+def distractor_mixture(cache_dir: str | Path | None = None) -> dict[str, np.ndarray]:
+    """The fixed mixture ``slcp_distractors`` draws its 92 distractors from, and the permutation of the 100 values.
+
+    sbibm stores them as pickled torch objects (``sbibm/tasks/slcp/files/gmm.torch``: 20 equally weighted
+    multivariate Student-t components with 2 degrees of freedom, and ``permutation_idx.torch``). The first call
+    converts them with torch and pyro (the ``bench`` extra) into ``slcp_distractors_mixture.npz`` in the cache
+    folder; later calls read that file and need neither. Keys: ``logits`` (20,), ``df`` (20,), ``loc`` (20, 92),
+    ``scale_tril`` (20, 92, 92), ``permutation`` (100,): the simulator returns ``concat(slcp data, distractors)``
+    indexed by ``permutation``.
+
+    Example:
+        >>> distractor_mixture()["loc"].shape
+        (20, 92)
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    converted = cache / _DISTRACTORS_CACHE
+    if not converted.is_file():
+        folder = task_folder("slcp", cache)
+        try:
+            import pyro  # noqa: F401  (the pickled mixture is a pyro distribution)
+            import torch
+        except ImportError as exc:
+            raise JaxicError(f"slcp_distractors' mixture is stored by sbibm as pickled torch objects in {folder}; "
+                             f"converting it once needs torch and pyro-ppl ({exc}). Install the bench extra "
+                             "(pip install -e '.[bench]') and run again; afterwards the converted "
+                             f"{converted} is read without them.") from exc
+        # sbibm's own files from its pinned wheel: the only pickles this project ever loads.
+        mixture = torch.load(folder / "gmm.torch", weights_only=False)
+        permutation = torch.load(folder / "permutation_idx.torch", weights_only=False)
+        student = mixture.component_distribution.base_dist
+        arrays = {"logits": mixture.mixture_distribution.logits, "df": student.df, "loc": student.loc,
+                  "scale_tril": student.scale_tril}
+        arrays = {name: value.detach().numpy().astype(np.float32) for name, value in arrays.items()}
+        arrays["permutation"] = permutation.numpy().astype(np.int32)
+        partial = converted.with_name(converted.name + ".partial.npz")
+        np.savez(partial, **arrays)
+        partial.replace(converted)  # renamed last, so a half-written file never passes for the cache
+    with np.load(converted) as stored:
+        return {name: stored[name] for name in stored.files}

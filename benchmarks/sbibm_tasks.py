@@ -1,4 +1,4 @@
-"""Eight simulation-based-inference benchmark tasks as NumPyro models, transcribed from sbibm 1.1.0's
+"""Nine simulation-based-inference benchmark tasks as NumPyro models, transcribed from sbibm 1.1.0's
 task definitions (``sbibm/tasks/<task>/task.py``).
 
 Reference: J.-M. Lueckmann, J. Boelts, D. S. Greenberg, P. J. Goncalves and J. H. Macke,
@@ -25,8 +25,10 @@ columns follow sbibm's reference CSVs, and ``obs``, the observation in sbibm's s
   index for the whole vector (summed out in the likelihood).
 * ``slcp``: theta ~ U(-3, 3)^5; obs = 4 draws of N((theta0, theta1), S) flattened to 8 values, S with
   standard deviations theta2^2, theta3^2 and correlation tanh(theta4), plus 1e-6 on the diagonal.
-  (``slcp_distractors`` and the summary-statistic ``bernoulli_glm`` are left out: the first needs sbibm's
-  pickled torch mixture, the second has no tractable likelihood for importance sampling.)
+* ``slcp_distractors``: slcp with its 8 values among 92 distractors from a fixed mixture of 20 multivariate
+  Student-t components (2 degrees of freedom), the 100 values permuted as sbibm does; the mixture and the
+  permutation are sbibm's own (:func:`benchmarks.sbibm_reference.distractor_mixture`). (The summary-statistic
+  ``bernoulli_glm`` is left out: it has no tractable likelihood for importance sampling.)
 * ``lotka_volterra``: theta = (alpha, beta, gamma, delta) ~ LogNormal((-0.125, -3, -0.125, -3), 0.5);
   the predator-prey ODE with (x, y)(0) = (30, 1); obs ~ LogNormal(log clip(u, 1e-10, 1e4), 0.1) at
   t = 0, 2.1, ..., 18.9 (sbibm saves every 0.1 on [0, 20] and keeps every 21st point), ordered
@@ -52,6 +54,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -70,7 +73,8 @@ __all__ = ["Task", "TASKS", "TwoMoonsLikelihood", "SLCPLikelihood", "simulate", 
            "bernoulli_glm_raw", "bernoulli_glm_prior", "bernoulli_glm_design", "bernoulli_glm_prior_precision",
            "bernoulli_glm_summary", "sir", "sir_prior", "sir_infected_fraction", "lotka_volterra",
            "lotka_volterra_prior", "lotka_volterra_solution", "gaussian_linear", "gaussian_linear_prior",
-           "gaussian_mixture", "gaussian_mixture_prior", "gaussian_mixture_likelihood", "slcp", "slcp_prior"]
+           "gaussian_mixture", "gaussian_mixture_prior", "gaussian_mixture_likelihood", "slcp", "slcp_prior",
+           "SLCPDistractorsLikelihood", "slcp_distractors"]
 
 RTOL = 1e-6
 SIR_ATOL = 1e-12
@@ -503,6 +507,76 @@ def slcp(obs=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# slcp_distractors
+
+SLCP_DISTRACTORS_DATA = 100
+
+
+class SLCPDistractorsLikelihood(dist.Distribution):
+    """sbibm's ``slcp_distractors`` simulator: slcp's 8 values and 92 distractors that do not depend on theta,
+    drawn from a fixed mixture of multivariate Student-t components, the 100 values then permuted.
+
+    ``mixture``: the arrays of :func:`benchmarks.sbibm_reference.distractor_mixture` (``logits``, ``df``,
+    ``loc``, ``scale_tril``, ``permutation``). The density is slcp's times the mixture's, so the posterior is
+    slcp's and sbibm reuses slcp's reference draws.
+
+    Example:
+        >>> SLCPDistractorsLikelihood(jnp.ones(5), mixture).sample(jax.random.key(0)).shape
+        (100,)
+    """
+
+    arg_constraints = {"theta": constraints.real_vector}
+    support = constraints.real_vector
+    reparametrized_params = ["theta"]
+
+    def __init__(self, theta, mixture: dict, *, validate_args=None):
+        self.theta = jnp.asarray(theta)
+        self.permutation = jnp.asarray(mixture["permutation"])
+        self.data_slots = self.permutation < 2 * SLCP_NUM_DATA  # where the simulator put slcp's values
+        # sbibm's factors have negative entries on their diagonals; flipping those columns' signs gives the same
+        # covariance L L^T (and the same Student-t law) with the positive diagonal numpyro's constraint wants.
+        scale_tril = jnp.asarray(mixture["scale_tril"])
+        scale_tril = scale_tril * jnp.sign(jnp.diagonal(scale_tril, axis1=-2, axis2=-1))[..., None, :]
+        self.distractors = dist.MixtureSameFamily(
+            dist.Categorical(logits=jnp.asarray(mixture["logits"])),
+            dist.MultivariateStudentT(jnp.asarray(mixture["df"]), jnp.asarray(mixture["loc"]), scale_tril))
+        super().__init__(batch_shape=jnp.shape(self.theta)[:-1], event_shape=(int(self.permutation.shape[0]),),
+                         validate_args=validate_args)
+
+    def sample(self, key, sample_shape=()):
+        key_data, key_noise = jax.random.split(key)
+        data = SLCPLikelihood(self.theta).sample(key_data, sample_shape)
+        noise = self.distractors.sample(key_noise, data.shape[:-1])
+        return jnp.concatenate([data, noise.astype(data.dtype)], axis=-1)[..., self.permutation]
+
+    @validate_sample
+    def log_prob(self, value):
+        unpermuted = jnp.zeros_like(value).at[..., self.permutation].set(value)
+        data, noise = unpermuted[..., :2 * SLCP_NUM_DATA], unpermuted[..., 2 * SLCP_NUM_DATA:]
+        return SLCPLikelihood(self.theta).log_prob(data) + self.distractors.log_prob(noise)
+
+
+@functools.cache
+def _sbibm_distractor_mixture() -> dict:
+    try:
+        from benchmarks import sbibm_reference
+    except ImportError:  # run as a script from benchmarks/, which puts its own folder on sys.path
+        import sbibm_reference
+    return sbibm_reference.distractor_mixture()
+
+
+def slcp_distractors(obs=None):
+    """sbibm's ``slcp_distractors``: slcp's prior and likelihood, its 8 values hidden among 92 distractors
+    (:class:`SLCPDistractorsLikelihood`, with sbibm's mixture and permutation read from its files).
+
+    Example:
+        >>> jaxic.compile(slcp_distractors, observed=["obs"], key=key)
+    """
+    theta = numpyro.sample("theta", slcp_prior())
+    numpyro.sample("obs", SLCPDistractorsLikelihood(theta, _sbibm_distractor_mixture()), obs=obs)
+
+
+# ----------------------------------------------------------------------------------------------
 # Registry and helpers
 
 
@@ -542,6 +616,7 @@ TASKS: dict[str, Task] = {
     "gaussian_linear": Task("gaussian_linear", gaussian_linear, GL_DIM, GL_DIM, gaussian_linear_prior),
     "gaussian_mixture": Task("gaussian_mixture", gaussian_mixture, GM_DIM, GM_DIM, gaussian_mixture_prior),
     "slcp": Task("slcp", slcp, SLCP_DIM, 2 * SLCP_NUM_DATA, slcp_prior),
+    "slcp_distractors": Task("slcp_distractors", slcp_distractors, SLCP_DIM, SLCP_DISTRACTORS_DATA, slcp_prior),
 }
 
 

@@ -7,7 +7,8 @@ Example:
 """
 
 from jaxic import callbacks, control_flow, diagnostics, parallel, proposal, validation
-from jaxic.api import CompiledModel, TrainConfig, compile, load
+from jaxic.api import (CANDIDATE_OPTIONS, COMPACT_CANDIDATE, Candidate, CompiledModel, Selection, TrainConfig,
+                       compile, compile_best, load)
 from jaxic.callbacks import CSVLogger, TensorBoardLogger, TrainingRecord
 from jaxic.control_flow import bounded_while, rejection_sample
 from jaxic.errors import (CheckpointError, IndexOutOfRangeError, JaxicError, ModelError, ObservationError,
@@ -23,7 +24,8 @@ __version__ = "0.1.0"
 
 __all__ = ["control_flow", "bounded_while", "rejection_sample", "TraceDataset", "TraceWriter", "write_traces",
            "write_simulations",
-           "CompiledModel", "TrainConfig", "compile", "load", "CheckpointError", "JaxicError", "ModelError", "StallWarning",
+           "CompiledModel", "TrainConfig", "compile", "load", "compile_best", "Selection", "Candidate",
+           "CANDIDATE_OPTIONS", "COMPACT_CANDIDATE", "CheckpointError", "JaxicError", "ModelError", "StallWarning",
            "ObservationError", "UnsupportedDistributionError", "IndexOutOfRangeError", "UnknownSiteError",
            "UntraceableModelError",
            "Posterior", "predictive",

@@ -1,4 +1,4 @@
-"""The convenience layer: ``jaxic.compile``, :class:`CompiledModel`, ``jaxic.load``.
+"""The convenience layer: ``jaxic.compile``, :class:`CompiledModel`, ``jaxic.load``, ``jaxic.compile_best``.
 
 A thin shell over the functional core: :mod:`jaxic.proposal` (the proposal and its pure
 functions), :mod:`jaxic.training` (pure steps), :mod:`jaxic.loops` (how steps are driven),
@@ -13,8 +13,9 @@ import os
 import signal
 import threading
 import time
+import types
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +28,8 @@ from jaxic.callbacks import TrainingRecord
 from jaxic import validation as checks
 from jaxic.errors import CheckpointError, JaxicError, ModelError, ObservationError
 from jaxic.inference import Posterior, predictive
-from jaxic.networks import (NETWORKS, config_from_metadata, embedder_metadata, embedders_from_metadata,
-                            resolve_embedders)
+from jaxic.networks import (NETWORKS, TransformerConfig, config_from_metadata, embedder_metadata,
+                            embedders_from_metadata, resolve_embedders)
 from jaxic import objectives
 from jaxic.objectives import OBJECTIVES, forward_kl_loss
 from jaxic.tracing import TraceDataset, TraceSpec, derive_trace_spec, sample_universal
@@ -47,8 +48,12 @@ class TrainConfig:
     validation_every: int = 250
     custom_optimizer: bool = False
     microbatch_size: int | None = None
+    weight_decay: float = training.DEFAULT_WEIGHT_DECAY  # of the default optimizer (AdamW)
 
 
+# A dataset whose training traces take at most this much memory is held on the device for training, its batches
+# gathered inside the compiled chunk of steps; a larger one is streamed shard by shard, a batch per Python step.
+RESIDENT_DATASET_BYTES = 1 << 30
 _validation_loss = jax.jit(core.held_out_loss)
 _LOSS_LABELS = {"forward_kl": "−log q(x | y)", "elbo": "negative ELBO", "rws": "RWS loss"}
 _log_prob = jax.jit(lambda proposal, latents, observations: core.log_prob(proposal, latents, observations)[0])
@@ -613,7 +618,8 @@ def _assemble(model, model_args, model_kwargs, observed, key, network, train_con
         if train_config.microbatch_size is not None:
             parallel.check_divisible(train_config.microbatch_size, mesh, "microbatch_size")
     optimizer = training.guard(optimizer if optimizer is not None else
-                               training.default_optimizer(train_config.num_steps, train_config.learning_rate),
+                               training.default_optimizer(train_config.num_steps, train_config.learning_rate,
+                                                          weight_decay=train_config.weight_decay),
                                trains_model=objective.trains_model)
     validation_key = jax.random.split(key, 4)[2]
     if dataset is not None:
@@ -628,10 +634,17 @@ def _assemble(model, model_args, model_kwargs, observed, key, network, train_con
                              f"{'dataset' if dataset is not None else 'universal'} path. Drop microbatch_size "
                              "(or lower batch_size).")
         spec, bound, size = proposal.spec, proposal.bound_model, train_config.batch_size
-        next_batch = loops.dataset_batches(dataset, size) if dataset is not None else (
-            lambda state: sample_universal(spec, bound, jax.random.fold_in(state.key, 1), size))
-        loop = loops.FedSteps(training.build_batch_step(proposal.graphdef, forward_kl_loss, optimizer), next_batch,
-                              f" ({'dataset' if dataset is not None else 'universal'} path)")
+        batch_step = training.build_batch_step(proposal.graphdef, forward_kl_loss, optimizer)
+        resident = None
+        if dataset is not None and dataset.training_bytes() <= RESIDENT_DATASET_BYTES:
+            resident = dataset.training_traces()
+        description = f" ({'dataset' if dataset is not None else 'universal'} path)"
+        if resident is not None:
+            loop = loops.ResidentDatasetSteps(batch_step, resident, size, train_config.steps_per_call, description)
+        else:
+            next_batch = loops.dataset_batches(dataset, size) if dataset is not None else (
+                lambda state: sample_universal(spec, bound, jax.random.fold_in(state.key, 1), size))
+            loop = loops.FedSteps(batch_step, next_batch, description)
     else:
         # The objective picks plate elements itself (data objectives) or trains on one element.
         step = training.build_step(proposal.graphdef, objective, optimizer, train_config.batch_size,
@@ -653,8 +666,9 @@ def _assemble(model, model_args, model_kwargs, observed, key, network, train_con
 def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps: int | None = None, *,
             model_args: Sequence = (), model_kwargs: Mapping | None = None,
             network: Any = None, optimizer: optax.GradientTransformation | None = None,
-            batch_size: int = 64, learning_rate: float = 3e-3, validation_size: int = 1024,
-            microbatch_size: int | None = None, observation_embedders: Mapping[str, Any] | None = None,
+            batch_size: int = 64, learning_rate: float = 3e-3, weight_decay: float | None = None,
+            validation_size: int = 1024, microbatch_size: int | None = None,
+            observation_embedders: Mapping[str, Any] | None = None,
             path: str = "auto", dataset: TraceDataset | str | os.PathLike | None = None,
             pilot_traces: int = 256, max_tokens: int | None = None, objective: Any = None,
             data: Mapping[str, Any] | None = None, local_plate: str | None = None,
@@ -683,6 +697,8 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
             ``"feedforward"``).
         optimizer: an optax optimizer (default AdamW, warm-up and cosine decay). Non-finite
             steps are always skipped and counted in ``history["skipped"]``.
+        weight_decay: the default optimizer's AdamW weight decay on the network's weights (default 1e-4;
+            larger values, e.g. 0.05, keep a network from overfitting a fixed ``dataset``). Recorded in checkpoints.
         microbatch_size: masked path: process each batch in slices of this many traces (a divisor of
             ``batch_size``) and average their gradients: memory and, on CPUs, cache use scale with the
             slice (for long traces: see :func:`jaxic.training.build_step`).
@@ -734,6 +750,12 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
     batch_size = checks.positive_int("batch_size", batch_size)
     validation_size = checks.positive_int("validation_size", validation_size)
     learning_rate = checks.positive_float("learning_rate", learning_rate)
+    if weight_decay is not None:
+        weight_decay = checks.nonnegative_float("weight_decay", weight_decay)
+        if optimizer is not None:
+            raise JaxicError("weight_decay sets the default optimizer's decay, but optimizer= replaces that optimizer; "
+                             "set the decay in your optimizer (e.g. optax.adamw(..., weight_decay=0.05)) or drop "
+                             "optimizer=.")
     if microbatch_size is not None:
         microbatch_size = checks.positive_int("microbatch_size", microbatch_size)
     if isinstance(network, str):
@@ -746,6 +768,7 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
     train_config = TrainConfig(num_steps=num_steps, batch_size=batch_size, learning_rate=learning_rate,
                                validation_size=validation_size, custom_optimizer=optimizer is not None,
                                microbatch_size=microbatch_size,
+                               weight_decay=TrainConfig.weight_decay if weight_decay is None else weight_decay,
                                validation_every=max(TrainConfig.steps_per_call, num_steps // 20))
     if dataset is not None and not isinstance(dataset, TraceDataset):
         dataset = TraceDataset(dataset, holdout=validation_size)
@@ -761,6 +784,110 @@ def compile(model: Callable, observed: Sequence[str], key: jax.Array, num_steps:
         raise JaxicError("checkpoint_every needs checkpoint_dir: the folder to save into.")
     return compiled.train(num_steps if seconds is None or num_steps else None, seconds=seconds, patience=patience,
                           callbacks=callbacks, progress=progress)
+
+
+# What a candidate of compile_best may change: the network and how it is optimised, never what the held-out loss is
+# measured on (model, observations, key, dataset, validation size, objective).
+CANDIDATE_OPTIONS = ("network", "weight_decay", "learning_rate", "batch_size", "microbatch_size", "optimizer",
+                     "observation_embedders")
+COMPACT_CANDIDATE = types.MappingProxyType({"network": TransformerConfig(d_model=32, obs_hidden=32),
+                                            "weight_decay": 0.05})
+DEFAULT_CANDIDATES = ({}, COMPACT_CANDIDATE)
+
+
+class Candidate(NamedTuple):
+    """One configuration :func:`compile_best` trained: its options, held-out loss, restored step, steps and seconds.
+
+    Example:
+        >>> [c.validation_loss for c in selection.candidates]
+    """
+    options: Mapping[str, Any]
+    validation_loss: float
+    best_step: int | None
+    steps: int
+    seconds: float
+
+
+class Selection(NamedTuple):
+    """What :func:`compile_best` returns: the chosen ``compiled`` model, its index ``chosen`` in ``candidates``, and
+    every candidate's :class:`Candidate` record.
+
+    Example:
+        >>> selection = jaxic.compile_best(model, ["obs"], key, 5000, dataset=dataset, patience=6)
+        >>> print(selection.summary())
+    """
+    compiled: CompiledModel
+    chosen: int
+    candidates: tuple[Candidate, ...]
+
+    def summary(self) -> str:
+        """One line per candidate: options, held-out loss, restored step, seconds; the chosen one marked ``*``.
+
+        Example:
+            >>> print(selection.summary())
+        """
+        lines = []
+        for i, c in enumerate(self.candidates):
+            options = ", ".join(f"{k}={v!r}" for k, v in c.options.items()) or "defaults"
+            best = "" if c.best_step is None else f" (best step {c.best_step})"
+            lines.append(f"{'*' if i == self.chosen else ' '} {options}: held-out loss {c.validation_loss:.4f} after "
+                         f"{c.steps} steps{best}, {c.seconds:.0f} s")
+        return "\n".join(lines)
+
+
+def compile_best(model: Callable, observed: Sequence[str], key: jax.Array, num_steps: int | None = None, *,
+                 candidates: Sequence[Mapping[str, Any]] = DEFAULT_CANDIDATES, **options) -> Selection:
+    """:func:`compile` once per candidate configuration and keep the one with the lowest held-out loss.
+
+    Every candidate trains with the same ``key`` and arguments (``options``, the keyword arguments of
+    :func:`compile`), changed only by its own entries (any of ``CANDIDATE_OPTIONS``: network, weight decay,
+    learning rate, batch size, optimizer, observation embedders), so all are scored on the same held-out traces
+    (:meth:`CompiledModel.validation_loss`, after ``patience`` restored the best step). The default candidates
+    are jaxic's defaults and ``COMPACT_CANDIDATE`` (width 32, a 32-wide observation MLP, weight decay 0.05):
+    on a fixed ``dataset`` of a few thousand simulations of a long observation the default network can
+    overfit, and which size fits is task-dependent (benchmarks/RESULTS.md, "Network size for a fixed simulation
+    budget"). Training costs the sum of the candidates'; ties go to the earlier candidate.
+
+    Example:
+        >>> selection = jaxic.compile_best(model, ["obs"], jax.random.key(0), 5000, dataset="sims/", patience=6)
+        >>> print(selection.summary())            # which network won, by how much
+        >>> posterior = selection.compiled.posterior(jax.random.key(1), {"obs": x}, 10_000)
+    """
+    if isinstance(candidates, (str, bytes, Mapping)) or not isinstance(candidates, Sequence) or not candidates:
+        raise JaxicError(f"candidates must be a non-empty list of dicts of compile options, got {candidates!r}; e.g. "
+                         "candidates=[{}, {'network': jaxic.TransformerConfig(d_model=32)}].")
+    for i, candidate in enumerate(candidates):
+        if not isinstance(candidate, Mapping):
+            raise JaxicError(f"candidates[{i}] must be a dict of compile options, got {candidate!r}.")
+        unknown = sorted(set(candidate) - set(CANDIDATE_OPTIONS))
+        if unknown:
+            raise JaxicError(f"candidates[{i}] sets {unknown}, which a candidate may not change: all candidates are "
+                             f"scored on the same held-out traces, so they differ only in {list(CANDIDATE_OPTIONS)}. "
+                             "Pass the other arguments once, to compile_best itself.")
+        # Checked here too, so that a bad value in a later candidate fails before the earlier ones train.
+        for name, check in (("weight_decay", checks.nonnegative_float), ("learning_rate", checks.positive_float),
+                            ("batch_size", checks.positive_int), ("microbatch_size", checks.positive_int)):
+            if candidate.get(name) is not None:
+                check(f"candidates[{i}]['{name}']", candidate[name])
+    for name in ("checkpoint_dir", "checkpoint_every"):
+        if options.get(name) is not None:
+            raise JaxicError(f"compile_best trains several models, so it does not take {name}=; save the chosen one "
+                             "with selection.compiled.save(path) or selection.compiled.checkpoint_to(folder).")
+    records, best, chosen = [], None, None
+    for i, candidate in enumerate(candidates):
+        start = time.perf_counter()
+        compiled = compile(model, observed, key, num_steps, **{**options, **candidate})
+        loss = compiled.validation_loss()
+        records.append(Candidate(dict(candidate), loss, compiled.best_step, compiled.step,
+                                 time.perf_counter() - start))
+        if np.isfinite(loss) and (best is None or loss < records[chosen].validation_loss):
+            best, chosen = compiled, i
+        del compiled
+    if best is None:
+        raise JaxicError("no candidate reached a finite held-out loss "
+                         f"({', '.join(f'{r.validation_loss}' for r in records)}): see each one's history['loss'], "
+                         "or lower the learning rate.")
+    return Selection(best, chosen, tuple(records))
 
 
 def load(path: str | os.PathLike, model: Callable, *, model_args: Sequence = (), model_kwargs: Mapping | None = None,

@@ -3,8 +3,9 @@
 ``loop.run(state, num_steps, data) -> (state, info)`` applies ``num_steps`` optimisation
 steps and returns their :class:`jaxic.training.TrainInfo` stacked along a leading axis.
 :class:`CompiledSteps` draws its traces inside the jitted step (the masked path: many steps
-per compiled call); :class:`FedSteps` takes batches made outside jit (eager model runs on
-the universal path, or shards of an offline dataset).
+per compiled call); :class:`ResidentDatasetSteps` gathers batches of an offline dataset held on the
+device inside the same kind of compiled chunk; :class:`FedSteps` takes batches made outside jit (eager model
+runs on the universal path, or the shards of a dataset too large to hold).
 
 Example:
     >>> loop = CompiledSteps(training.build_step(graphdef, objective, optimizer, 64, model), 25)
@@ -21,6 +22,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxic import training
 from jaxic.errors import StallWarning
@@ -91,6 +93,57 @@ class FedSteps:
             state, info = self.step(state, *self.next_batch(state))
             infos.append(info)
         return state, jax.tree.map(lambda *xs: jnp.stack(xs), *infos)
+
+
+class ResidentDatasetSteps:
+    """Steps on an offline dataset held whole on the device: up to ``steps_per_call`` steps per compiled call,
+    each gathering its batch by index inside jit, so no step pays Python dispatch or a host-to-device copy.
+
+    Batches follow one shuffled pass over ``traces`` after another (a pass's last batch runs into the next
+    pass), seeded from the training key at the first call.
+
+    Example:
+        >>> loop = ResidentDatasetSteps(training.build_batch_step(graphdef, forward_kl_loss, optimizer),
+        ...                             dataset.training_traces(), batch_size=64, steps_per_call=25)
+        >>> state, info = loop.run(state, 25, None)
+    """
+
+    def __init__(self, batch_step: Callable, traces: Any, batch_size: int, steps_per_call: int,
+                 description: str = ""):
+        self.traces = jax.device_put(traces)
+        self.num_traces = int(jax.tree.leaves(traces)[0].shape[0])
+        self.batch_size, self.steps_per_call, self.description = batch_size, steps_per_call, description
+        self._order: list = []  # [rng, indices not used yet]
+
+        def indexed_step(state, indices, traces):
+            return batch_step(state, *jax.tree.map(lambda a: a[indices], traces))
+
+        def multi(state, num_active, indices, traces):
+            return training.build_indexed_multi_step(lambda s, i: indexed_step(s, indices[i], traces),
+                                                     steps_per_call)(state, num_active)
+
+        self.multi_step = jax.jit(multi)
+
+    def compilations(self) -> int:
+        """How many times the multi-step has been compiled (one per configuration)."""
+        return self.multi_step._cache_size()
+
+    def _indices(self, state, num_steps: int) -> np.ndarray:
+        if not self._order:
+            self._order = [np.random.default_rng(np.asarray(jax.random.key_data(jax.random.fold_in(state.key, 1)))
+                                                 .ravel()), np.zeros(0, np.int32)]
+        rng, pending = self._order
+        need = num_steps * self.batch_size
+        while pending.size < need:
+            pending = np.concatenate([pending, rng.permutation(self.num_traces).astype(np.int32)])
+        self._order[1] = pending[need:]
+        indices = np.zeros((self.steps_per_call, self.batch_size), np.int32)
+        indices[:num_steps] = pending[:need].reshape(num_steps, self.batch_size)
+        return indices
+
+    def run(self, state, num_steps, data):
+        state, info = self.multi_step(state, num_steps, self._indices(state, num_steps), self.traces)
+        return state, jax.tree.map(lambda x: x[:num_steps], info)
 
 
 def dataset_batches(dataset, batch_size: int) -> Callable:

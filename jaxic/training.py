@@ -101,8 +101,11 @@ def _scheduled_adamw(learning_rate, num_steps, warmup_steps, clip_norm, weight_d
                        optax.adamw(schedule, weight_decay=weight_decay, mask=mask))
 
 
+DEFAULT_WEIGHT_DECAY = 1e-4
+
+
 def default_optimizer(num_steps: int, learning_rate: float = 3e-3, warmup_steps: int | None = None,
-                      clip_norm: float = 1.0, weight_decay: float = 1e-4,
+                      clip_norm: float = 1.0, weight_decay: float = DEFAULT_WEIGHT_DECAY,
                       decay_model_params: bool = False) -> optax.GradientTransformation:
     """AdamW with linear warm-up and cosine decay to 5% of the peak at step ``num_steps``
     (:func:`warmup_cosine`).
@@ -365,18 +368,33 @@ def build_multi_step(step: Callable, chunk: int) -> Callable:
     """
 
     def multi(state: TrainState, num_active, data=None):
-        shapes = jax.eval_shape(step, state, data)[1]
+        return build_indexed_multi_step(lambda s, i: step(s, data), chunk)(state, num_active)
+
+    return multi
+
+
+def build_indexed_multi_step(step_at: Callable, chunk: int) -> Callable:
+    """Like :func:`build_multi_step`, with step ``i`` of the chunk being ``step_at(state, i)`` (e.g. a step on the
+    ``i``-th batch of indices into data held on the device).
+
+    Example:
+        >>> multi = jax.jit(lambda state, n, idx: build_indexed_multi_step(
+        ...     lambda s, i: batch_step(s, *gather(idx[i])), 25)(state, n))
+    """
+
+    def multi(state: TrainState, num_active):
+        shapes = jax.eval_shape(step_at, state, 0)[1]
 
         def filler(s):
             if s.dtype == jnp.bool_:
                 return jnp.zeros(s.shape, s.dtype)
             return jnp.full(s.shape, jnp.nan if jnp.issubdtype(s.dtype, jnp.inexact) else -1, s.dtype)
 
-        def idle(state: TrainState, data) -> tuple[TrainState, TrainInfo]:
+        def idle(state: TrainState, i) -> tuple[TrainState, TrainInfo]:
             return state, jax.tree.map(filler, shapes)
 
         def body(state, i):
-            return jax.lax.cond(i < num_active, step, idle, state, data)
+            return jax.lax.cond(i < num_active, step_at, idle, state, i)
 
         return jax.lax.scan(body, state, jnp.arange(chunk))
 

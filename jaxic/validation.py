@@ -30,7 +30,7 @@ from numpyro.primitives import Messenger
 from jaxic.errors import IndexOutOfRangeError, JaxicError, ObservationError, UnsupportedDistributionError
 
 __all__ = ["check_observations", "observed_supports", "positive_int", "nonnegative_int", "positive_float",
-           "prng_key", "observed_names", "model_callable", "probability", "index_in_range",
+           "nonnegative_float", "prng_key", "observed_names", "model_callable", "probability", "index_in_range",
            "check_latent_distribution", "SupportedLatents"]
 
 _MAX_LISTED = 5  # offending rows / elements quoted in a message
@@ -85,6 +85,19 @@ def nonnegative_int(name: str, value: Any) -> int:
     return _integer(name, value, 0, "a non-negative integer")
 
 
+def _real_number(name: str, value: Any, what: str) -> float:
+    """``value`` as a Python float if it is a real number (ints allowed; bools and strings rejected)."""
+    scalar = isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0 and \
+        not isinstance(value, jax.core.Tracer) and np.asarray(value).dtype.kind in "iuf"
+    if isinstance(value, (bool, np.bool_)) or not (isinstance(value, numbers.Real) or scalar):
+        raise JaxicError(f"{name} must be {what}, got {_show(value)} of type {type(value).__name__}; "
+                         f"pass a float such as {name}=0.001.")
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
 def positive_float(name: str, value: Any) -> float:
     """``value`` as a finite Python float ``> 0`` (ints allowed; bools, strings, NaN and inf rejected).
 
@@ -92,17 +105,22 @@ def positive_float(name: str, value: Any) -> float:
         >>> positive_float("learning_rate", 3e-3)
         0.003
     """
-    scalar = isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0 and \
-        not isinstance(value, jax.core.Tracer) and np.asarray(value).dtype.kind in "iuf"
-    if isinstance(value, (bool, np.bool_)) or not (isinstance(value, numbers.Real) or scalar):
-        raise JaxicError(f"{name} must be a positive number, got {_show(value)} of type {type(value).__name__}; "
-                         f"pass a float such as {name}=0.001.")
-    try:
-        number = float(value)
-    except OverflowError:
-        number = math.inf
+    number = _real_number(name, value, "a positive number")
     if not math.isfinite(number) or number <= 0:
         raise JaxicError(f"{name} must be a finite number > 0, got {number}; pass e.g. {name}=0.001.")
+    return number
+
+
+def nonnegative_float(name: str, value: Any) -> float:
+    """``value`` as a finite Python float ``>= 0`` (ints allowed; bools, strings, NaN and inf rejected).
+
+    Example:
+        >>> nonnegative_float("weight_decay", 0)
+        0.0
+    """
+    number = _real_number(name, value, "a non-negative number")
+    if not math.isfinite(number) or number < 0:
+        raise JaxicError(f"{name} must be a finite number >= 0, got {number}; pass e.g. {name}=0.0001.")
     return number
 
 

@@ -79,6 +79,25 @@ def test_a_proposal_trained_on_given_simulations_gives_the_analytic_posterior(tm
     assert float(post.ess) / post.num_samples > 0.5
 
 
+def test_a_dataset_held_on_the_device_trains_on_the_batches_it_would_stream(tmp_path, monkeypatch):
+    rng = np.random.default_rng(2)
+    mu = rng.standard_normal(700).astype(np.float32)
+    write_simulations(tmp_path / "sims", conjugate, {"mu": mu, "obs": mu + 0.5 * rng.standard_normal(700)}, "obs")
+    settings = dict(num_steps=0, dataset=tmp_path / "sims", batch_size=32, validation_size=100, network=TINY,
+                    progress=False)
+    resident = jaxic.compile(conjugate, ["obs"], jax.random.key(0), **settings)
+    assert isinstance(resident.loop, jaxic.loops.ResidentDatasetSteps)
+    # 40 steps of 32 cover two passes over the 600 training traces, and end in a partial chunk of steps.
+    resident.train(30, progress=False).train(10, progress=False)
+    assert resident.loop.compilations() == 1
+    monkeypatch.setattr(jaxic.api, "RESIDENT_DATASET_BYTES", 0)  # too large to hold: streamed batch by batch
+    streamed = jaxic.compile(conjugate, ["obs"], jax.random.key(0), **settings)
+    assert isinstance(streamed.loop, jaxic.loops.FedSteps)
+    streamed.train(40, progress=False)
+    np.testing.assert_allclose(resident.history["loss"], streamed.history["loss"], rtol=1e-5)
+    assert resident.validation_loss() == pytest.approx(streamed.validation_loss(), rel=1e-5)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda r: r.pop("k"), r"lack site\(s\) \['k'\].*drawn from\s+its prior"),
     (lambda r: r.update(z=r["k"]), r"site\(s\) \['z'\] that the model does not sample"),

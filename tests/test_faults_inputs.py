@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
+import optax
 import numpyro.distributions as dist
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -245,6 +246,10 @@ BAD_COMPILE_ARGUMENTS = {
     "nan learning_rate": (dict(learning_rate=math.nan), r"learning_rate must be a finite number > 0, got nan"),
     "inf learning_rate": (dict(learning_rate=math.inf), r"learning_rate must be a finite number > 0, got inf"),
     "string learning_rate": (dict(learning_rate="0.1"), r"learning_rate must be a positive number, got '0.1'"),
+    "negative weight_decay": (dict(weight_decay=-0.1), r"weight_decay must be a finite number >= 0, got -0.1"),
+    "string weight_decay": (dict(weight_decay="0.05"), r"weight_decay must be a non-negative number, got '0.05'"),
+    "weight_decay with an optimizer": (dict(weight_decay=0.05, optimizer=optax.adam(1e-3)),
+                                       r"weight_decay sets the default optimizer's decay, but optimizer= replaces"),
     "zero microbatch_size": (dict(microbatch_size=0), r"microbatch_size must be a positive integer, got 0"),
     "float microbatch_size": (dict(microbatch_size=2.5), r"microbatch_size must be .*float 2.5"),
     "no observed": (dict(observed=[]), r"observed is empty"),
@@ -588,3 +593,27 @@ def test_a_bad_observation_scale_option_names_the_site(infer, message):
 
     with pytest.raises(ModelError, match=message):
         jaxic.compile(model, ["obs"], jax.random.key(0), num_steps=0, progress=False)
+
+
+BAD_SELECTIONS = {
+    "no candidates": (dict(candidates=[]), r"candidates must be a non-empty list of dicts"),
+    "one dict, not a list": (dict(candidates={"weight_decay": 0.1}), r"candidates must be a non-empty list"),
+    "a candidate that is no dict": (dict(candidates=[{}, "compact"]), r"candidates\[1\] must be a dict"),
+    "a candidate changing the key": (dict(candidates=[{}, {"key": jax.random.key(1)}]),
+                                     r"candidates\[1\] sets \['key'\], which a candidate may not change"),
+    "a candidate changing the held-out set": (dict(candidates=[{"validation_size": 8}]),
+                                              r"candidates\[0\] sets \['validation_size'\]"),
+    "checkpoints of several models": (dict(checkpoint_dir="ckpt"), r"does not take checkpoint_dir="),
+    "a bad value in a later candidate": (dict(candidates=[{}, {"weight_decay": -1}]),
+                                         r"candidates\[1\]\['weight_decay'\] must be a finite number >= 0, "
+                                         r"got -1.0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SELECTIONS))
+def test_bad_compile_best_arguments_fail_before_the_model_runs(case):
+    changes, message = BAD_SELECTIONS[case]
+    runs = RUNS["model"]
+    with pytest.raises(JaxicError, match=message):
+        jaxic.compile_best(model, OBSERVED, jax.random.key(0), 5, **{**TINY, **changes})
+    assert RUNS["model"] == runs

@@ -23,8 +23,9 @@ import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from benchmarks import sbibm_reference as ref  # noqa: E402
-from benchmarks.sbibm_tasks import (TASKS, SLCPLikelihood, TwoMoonsLikelihood, bernoulli_glm_design,  # noqa: E402
-                                    bernoulli_glm_summary, log_likelihood, simulate, sir_infected_fraction)
+from benchmarks.sbibm_tasks import (TASKS, SLCPDistractorsLikelihood, SLCPLikelihood, TwoMoonsLikelihood,  # noqa: E402
+                                    bernoulli_glm_design, bernoulli_glm_summary, log_likelihood, simulate,
+                                    sir_infected_fraction)
 from jaxic import derive_trace_spec  # noqa: E402
 from jaxic.errors import IndexOutOfRangeError, JaxicError  # noqa: E402
 
@@ -37,8 +38,19 @@ def cache():
         pytest.skip(f"sbibm {ref.SBIBM_VERSION} files are not cached ({exc})")
 
 
+@pytest.fixture(scope="module")
+def distractors(cache):
+    """sbibm's slcp_distractors mixture; converting it the first time needs torch and pyro (the bench extra)."""
+    try:
+        return ref.distractor_mixture()
+    except JaxicError as exc:
+        pytest.skip(str(exc))
+
+
 @pytest.mark.parametrize("name", sorted(TASKS))
-def test_registry_shapes_and_jaxic_spec(name):
+def test_registry_shapes_and_jaxic_spec(name, request):
+    if name == "slcp_distractors":
+        request.getfixturevalue("distractors")
     task = TASKS[name]
     assert task.name == name
     spec = derive_trace_spec(task.model, ["obs"])
@@ -126,6 +138,54 @@ def test_slcp_likelihood_matches_four_independent_bivariate_normals():
         np.testing.assert_allclose(np.cov(sims[:, i].T), covariance, rtol=0.05, atol=0.01)
     # A batch of theta gives one log density per theta.
     assert SLCPLikelihood(jnp.zeros((3, 5)) + 1.0).log_prob(jnp.zeros(8)).shape == (3,)
+
+
+def _student_t_log_density(x, loc, scale_tril, df):
+    """log density of a multivariate Student-t, in float64, from its Cholesky-like factor (any diagonal signs)."""
+    from scipy.linalg import solve_triangular
+    from scipy.special import gammaln
+    d = loc.size
+    z = solve_triangular(scale_tril.astype(np.float64), (x - loc).T.astype(np.float64), lower=True)
+    return (gammaln((df + d) / 2) - gammaln(df / 2) - d / 2 * np.log(df * math.pi)
+            - np.log(np.abs(np.diag(scale_tril.astype(np.float64)))).sum() - (df + d) / 2 * np.log1p((z**2).sum(0) / df))
+
+
+def test_slcp_distractors_hides_slcps_data_among_permuted_theta_free_distractors():
+    rng = np.random.default_rng(0)
+    scale_tril = np.tril(rng.normal(size=(2, 92, 92)) * 0.05) + np.eye(92) * rng.choice([-1.0, 1.0], size=(2, 1, 92))
+    mixture = {"logits": np.log(np.float32([0.3, 0.7])), "df": np.float32([2.0, 2.0]),
+               "loc": rng.normal(size=(2, 92)).astype(np.float32), "scale_tril": scale_tril.astype(np.float32),
+               "permutation": rng.permutation(100).astype(np.int32)}
+    theta = jnp.array([0.5, -1.0, 1.3, -0.7, 0.4])
+    x = np.asarray(SLCPDistractorsLikelihood(theta, mixture).sample(jax.random.key(1), (3,)))
+    unpermuted = np.zeros_like(x)
+    unpermuted[:, mixture["permutation"]] = x
+    data, noise = unpermuted[:, :8], unpermuted[:, 8:]
+    # The density is slcp's on the 8 data values times the mixture's on the 92 others (negative diagonal entries of
+    # the factor give the same covariance).
+    components = np.stack([_student_t_log_density(noise, mixture["loc"][i], scale_tril[i], 2.0) for i in range(2)])
+    expected = SLCPLikelihood(theta).log_prob(jnp.asarray(data)) + np.logaddexp(*(components.T + np.log([0.3, 0.7])).T)
+    np.testing.assert_allclose(SLCPDistractorsLikelihood(theta, mixture).log_prob(jnp.asarray(x)), expected, rtol=1e-4)
+    # With the same key, moving theta's means moves only the 8 data slots, by exactly that shift.
+    shifted = np.asarray(SLCPDistractorsLikelihood(theta + jnp.array([2.0, -3.0, 0, 0, 0]), mixture)
+                         .sample(jax.random.key(1), (3,)))
+    data_slots = mixture["permutation"] < 8
+    np.testing.assert_array_equal(shifted[:, ~data_slots], x[:, ~data_slots])
+    shift = np.tile([2.0, -3.0], 4)[mixture["permutation"][data_slots]]
+    np.testing.assert_allclose(shifted[:, data_slots] - x[:, data_slots], np.broadcast_to(shift, (3, 8)), atol=1e-5)
+
+
+def test_slcp_distractors_observations_hold_slcps_and_its_posterior(distractors):
+    for k in range(1, 11):
+        unpermuted = np.zeros(100, np.float32)
+        unpermuted[distractors["permutation"]] = ref.observation("slcp_distractors", k)
+        np.testing.assert_array_equal(unpermuted[:8], ref.observation("slcp", k))
+    # The distractors' density does not depend on theta: log-likelihood differences are slcp's.
+    thetas = np.concatenate([ref.true_parameters("slcp", 1)[None], ref.reference_posterior("slcp", 1)[:20]])
+    obs = ref.observation("slcp_distractors", 1)
+    with_distractors = np.asarray(log_likelihood(TASKS["slcp_distractors"], thetas, obs))
+    plain = np.asarray(log_likelihood(TASKS["slcp"], thetas, ref.observation("slcp", 1)))
+    np.testing.assert_allclose(with_distractors - with_distractors[0], plain - plain[0], rtol=1e-4, atol=1e-2)
 
 
 def test_bernoulli_glm_design_reproduces_sbibm(cache):
@@ -224,6 +284,7 @@ def test_a_jaxic_run_with_other_sizes_is_kept_as_its_own_method():
     args = sbibm.parse_args(["--d-model", "32", "--obs-hidden", "64", "--weight-decay", "0.05"])
     assert sbibm.network_overrides(args) == {"d_model": 32, "obs_hidden": 64}
     assert sbibm.jaxic_label(args) == "jaxic (d_model 32, obs_hidden 64, weight decay 0.05)"
+    assert sbibm.jaxic_label(sbibm.parse_args(["--select"])) == "jaxic (network chosen by held-out loss)"
     row = {"task": "sir", "simulations": 10_000, "observation": 1, "method": sbibm.jaxic_label(args),
            "train_s": 5.0, "sample_s": 1.0, "steps": 100, "best_step": 90, "c2st_raw": 0.6, "c2st_is": 0.5,
            "ess_fraction": 0.4}

@@ -344,6 +344,33 @@ class TraceDataset:
             need -= parts[-1][0].value.shape[0]
         return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
+    def training_bytes(self) -> int:
+        """About how many bytes the traces that are not held out take in memory (from the shard files' sizes).
+
+        Example:
+            >>> TraceDataset("sims/", holdout=1000).training_bytes() < 2**30
+            True
+        """
+        total = sum(path.stat().st_size for path, _ in self.shards)
+        return int(total * (len(self) - self.holdout) / max(len(self), 1))
+
+    def training_traces(self) -> tuple[Tokens, dict[str, np.ndarray]] | None:
+        """Every trace that is not held out, in one ``(tokens, observations)`` pair of arrays; ``None`` when the
+        shards' traces differ in shape (universal traces padded per shard), which only :meth:`batches` streams.
+
+        Example:
+            >>> tokens, observations = TraceDataset("sims/", holdout=1000).training_traces()
+        """
+        parts = []
+        for shard in range(len(self.shards)):
+            start = self._training_start(shard)
+            if start < self.shards[shard][1]:
+                parts.append(jax.tree.map(lambda a: a[start:], self._load(shard)))
+        shapes = {tuple(a.shape[1:] for a in jax.tree.leaves(part)) for part in parts}
+        if len(shapes) != 1:
+            return None
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+
     def batches(self, key: jax.Array, batch_size: int) -> Iterator[tuple[Tokens, dict[str, np.ndarray]]]:
         """Endless shuffled batches: shards in random order, traces shuffled within each shard."""
         rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
