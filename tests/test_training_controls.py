@@ -96,10 +96,17 @@ def test_seconds_fit_the_schedule_to_end_exactly_at_the_last_step(compiled):
 def test_seconds_hold_when_training_is_slower_than_the_timed_chunk(compiled):
     """Callbacks (or a busier machine) slow every chunk after the timing: the schedule is refitted on
     the way, so training ends at the budget with the rate at its floor."""
-    start, begin = compiled.step, time.monotonic()
-    compiled.train(seconds=3.0, progress=False, callbacks=[lambda record: time.sleep(0.15)])
+    start, begin, ends = compiled.step, time.monotonic(), []
+
+    def slow(record):
+        time.sleep(0.15)
+        ends.append(time.monotonic())
+
+    compiled.train(seconds=3.0, progress=False, callbacks=[slow])
     elapsed = time.monotonic() - begin
-    assert elapsed < 3.0 + 0.5, elapsed  # at most about one chunk past the budget
+    # At most about one chunk past the budget; a chunk's length is measured, since a loaded machine stretches it.
+    slowest_chunk = max(np.diff([begin, *ends]))
+    assert elapsed < 3.0 + max(0.5, 1.5 * slowest_chunk), (elapsed, slowest_chunk)
     assert compiled.step == compiled.train_config.num_steps > start
     rates = compiled.history["learning_rate"]
     assert rates[-1] == pytest.approx(0.05 * PEAK, rel=1e-6)
@@ -348,8 +355,11 @@ def test_compile_best_keeps_the_candidate_with_the_lowest_held_out_loss(selectio
 
 @pytest.mark.slow
 def test_weight_decay_shrinks_the_network_and_is_kept_in_checkpoints(selection, tmp_path):
-    decayed = jaxic.compile(conjugate, ["obs"], jax.random.key(3), 300, weight_decay=1.0, **CONJUGATE)
-    plain = jaxic.compile(conjugate, ["obs"], jax.random.key(3), 300, weight_decay=0.0, **CONJUGATE)
+    # num_steps=0 compiles with a constant rate, so training on after the reload passes no planned horizon.
+    decayed = jaxic.compile(conjugate, ["obs"], jax.random.key(3), 0, weight_decay=1.0, **CONJUGATE).train(
+        300, progress=False)
+    plain = jaxic.compile(conjugate, ["obs"], jax.random.key(3), 0, weight_decay=0.0, **CONJUGATE).train(
+        300, progress=False)
     norm = lambda c: float(np.sqrt(sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(c.proposal.params))))
     assert norm(decayed) < 0.95 * norm(plain)
     assert selection.compiled.train_config.weight_decay == training.DEFAULT_WEIGHT_DECAY
