@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jaxic
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from results_io import PACKAGES, benchmark_parser, environment_lines, publish  # noqa: E402
@@ -77,7 +79,9 @@ def main(argv=None) -> None:
     parser.add_argument("--simulations", type=int, default=10_000)
     parser.add_argument("--observations", type=int, nargs="+", default=list(range(1, 11)))
     parser.add_argument("--draws", type=int, default=10_000, help="raw draws per observation")
-    parser.add_argument("--compact", nargs=3, type=float, default=[32, 32, 0.05],
+    compact = jaxic.COMPACT_CANDIDATE
+    parser.add_argument("--compact", nargs=3, type=float,
+                        default=[compact["network"].d_model, compact["network"].obs_hidden, compact["weight_decay"]],
                         metavar=("D_MODEL", "OBS_HIDDEN", "WEIGHT_DECAY"), help="the compact configuration")
     sbibm.add_training_options(parser)
     args = parser.parse_args(argv)

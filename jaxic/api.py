@@ -882,7 +882,6 @@ def compile_best(model: Callable, observed: Sequence[str], key: jax.Array, num_s
                                  time.perf_counter() - start))
         if np.isfinite(loss) and (best is None or loss < records[chosen].validation_loss):
             best, chosen = compiled, i
-        del compiled
     if best is None:
         raise JaxicError("no candidate reached a finite held-out loss "
                          f"({', '.join(f'{r.validation_loss}' for r in records)}): see each one's history['loss'], "

@@ -113,7 +113,7 @@ class ResidentDatasetSteps:
         self.traces = jax.device_put(traces)
         self.num_traces = int(jax.tree.leaves(traces)[0].shape[0])
         self.batch_size, self.steps_per_call, self.description = batch_size, steps_per_call, description
-        self._order: list = []  # [rng, indices not used yet]
+        self._rng, self._pending = None, np.zeros(0, np.int32)  # shuffling stream, indices not used yet
 
         def indexed_step(state, indices, traces):
             return batch_step(state, *jax.tree.map(lambda a: a[indices], traces))
@@ -129,16 +129,14 @@ class ResidentDatasetSteps:
         return self.multi_step._cache_size()
 
     def _indices(self, state, num_steps: int) -> np.ndarray:
-        if not self._order:
-            self._order = [np.random.default_rng(np.asarray(jax.random.key_data(jax.random.fold_in(state.key, 1)))
-                                                 .ravel()), np.zeros(0, np.int32)]
-        rng, pending = self._order
+        if self._rng is None:  # seeded as dataset_batches seeds TraceDataset.batches: the same passes
+            self._rng = np.random.default_rng(np.asarray(jax.random.key_data(jax.random.fold_in(state.key, 1))).ravel())
         need = num_steps * self.batch_size
-        while pending.size < need:
-            pending = np.concatenate([pending, rng.permutation(self.num_traces).astype(np.int32)])
-        self._order[1] = pending[need:]
+        while self._pending.size < need:
+            self._pending = np.concatenate([self._pending, self._rng.permutation(self.num_traces).astype(np.int32)])
         indices = np.zeros((self.steps_per_call, self.batch_size), np.int32)
-        indices[:num_steps] = pending[:need].reshape(num_steps, self.batch_size)
+        indices[:num_steps] = self._pending[:need].reshape(num_steps, self.batch_size)
+        self._pending = self._pending[need:]
         return indices
 
     def run(self, state, num_steps, data):
