@@ -124,7 +124,8 @@ def train_jaxic(task, theta: np.ndarray, x: np.ndarray, args, folder: Path):
 
 
 def jaxic_runs(task, theta: np.ndarray, x: np.ndarray, args, folder: Path) -> list[dict]:
-    """:func:`train_jaxic`, then raw and importance-resampled draws scored per observation."""
+    """:func:`train_jaxic`, then raw and importance-resampled draws scored per observation (raw only for a
+    task whose observation has no likelihood)."""
     simulations = len(theta)
     compiled, train_s = train_jaxic(task, theta, x, args, folder)
     rows = []
@@ -133,15 +134,17 @@ def jaxic_runs(task, theta: np.ndarray, x: np.ndarray, args, folder: Path) -> li
         ref = np.asarray(reference.reference_posterior(task.name, k))[: args.draws]
         start = time.perf_counter()
         raw = np.asarray(compiled.sample(jax.random.key(10 + k), obs, args.draws)["theta"])
-        post = compiled.posterior(jax.random.key(20 + k), obs, args.draws * args.oversample)
-        resampled = np.asarray(post.resample(jax.random.key(30 + k), args.draws)["theta"])
+        weighted = {"c2st_is": float("nan"), "ess_fraction": float("nan")}
+        if task.has_likelihood:  # otherwise importance sampling has no p(obs | theta) to weigh with
+            post = compiled.posterior(jax.random.key(20 + k), obs, args.draws * args.oversample)
+            resampled = np.asarray(post.resample(jax.random.key(30 + k), args.draws)["theta"])
+            weighted = {"c2st_is": c2st(resampled, ref, n_jobs=args.c2st_jobs),
+                        "ess_fraction": float(post.ess) / post.num_samples, "is": marginals(resampled, ref)}
         sample_s = time.perf_counter() - start
         rows.append(report({"task": task.name, "simulations": simulations, "observation": k, "method": jaxic_label(args),
                             "train_s": train_s, "sample_s": sample_s, "steps": compiled.step,
                             "best_step": compiled.best_step, "c2st_raw": c2st(raw, ref, n_jobs=args.c2st_jobs),
-                            "c2st_is": c2st(resampled, ref, n_jobs=args.c2st_jobs),
-                            "ess_fraction": float(post.ess) / post.num_samples, "raw": marginals(raw, ref),
-                            "is": marginals(resampled, ref)}))
+                            "raw": marginals(raw, ref), **weighted}))
     return rows
 
 

@@ -70,7 +70,7 @@ from numpyro.distributions.util import validate_sample
 
 __all__ = ["Task", "TASKS", "TwoMoonsLikelihood", "SLCPLikelihood", "simulate", "log_likelihood",
            "two_moons", "two_moons_prior", "gaussian_linear_uniform", "gaussian_linear_uniform_prior",
-           "bernoulli_glm_raw", "bernoulli_glm_prior", "bernoulli_glm_design", "bernoulli_glm_prior_precision",
+           "bernoulli_glm", "bernoulli_glm_raw", "bernoulli_glm_prior", "bernoulli_glm_design", "bernoulli_glm_prior_precision",
            "bernoulli_glm_summary", "sir", "sir_prior", "sir_infected_fraction", "lotka_volterra",
            "lotka_volterra_prior", "lotka_volterra_solution", "gaussian_linear", "gaussian_linear_prior",
            "gaussian_mixture", "gaussian_mixture_prior", "gaussian_mixture_likelihood", "slcp", "slcp_prior",
@@ -257,6 +257,23 @@ def bernoulli_glm_raw(obs=None):
     design = jnp.asarray(bernoulli_glm_design())
     theta = numpyro.sample("theta", bernoulli_glm_prior())
     numpyro.sample("obs", dist.Bernoulli(logits=design @ theta).to_event(1), obs=obs)
+
+
+def bernoulli_glm(obs=None):
+    """sbibm's ``bernoulli_glm``: :func:`bernoulli_glm_raw`'s spikes seen only through their summary
+    X^T y (:func:`bernoulli_glm_summary`: the spike count and 9 spike-triggered sums).
+
+    Written as a simulator is: the spikes are drawn inside it (``numpyro.prng_key()``) and the summary is
+    observed as a ``Delta``, so the observation has no likelihood. jaxic's amortized draws
+    (``compiled.sample``) are scored; importance sampling needs p(obs | theta) and refuses.
+
+    Example:
+        >>> jaxic.compile(bernoulli_glm, observed=["obs"], key=key).sample(key, {"obs": summary}, 1000)
+    """
+    design = jnp.asarray(bernoulli_glm_design())
+    theta = numpyro.sample("theta", bernoulli_glm_prior())
+    spikes = jax.random.bernoulli(numpyro.prng_key(), jax.nn.sigmoid(design @ theta))
+    numpyro.sample("obs", dist.Delta(spikes.astype(jnp.float32) @ design, event_dim=1), obs=obs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -595,6 +612,7 @@ class Task:
     theta_dim: int
     obs_dim: int
     prior: Callable[[], dist.Distribution]
+    has_likelihood: bool = True  # False: the observation is a simulator's output (a Delta), only simulate() draws it
 
     def prior_sample(self, key: jax.Array, num_samples: int) -> jax.Array:
         """``num_samples`` draws of theta from the prior, shape (num_samples, theta_dim).
@@ -610,6 +628,7 @@ TASKS: dict[str, Task] = {
     "two_moons": Task("two_moons", two_moons, 2, 2, two_moons_prior),
     "gaussian_linear_uniform": Task("gaussian_linear_uniform", gaussian_linear_uniform, GLU_DIM, GLU_DIM,
                                     gaussian_linear_uniform_prior),
+    "bernoulli_glm": Task("bernoulli_glm", bernoulli_glm, GLM_DIM, GLM_DIM, bernoulli_glm_prior, has_likelihood=False),
     "bernoulli_glm_raw": Task("bernoulli_glm_raw", bernoulli_glm_raw, GLM_DIM, GLM_BINS, bernoulli_glm_prior),
     "sir": Task("sir", sir, 2, 10, sir_prior),
     "lotka_volterra": Task("lotka_volterra", lotka_volterra, 4, 20, lotka_volterra_prior),
@@ -620,9 +639,9 @@ TASKS: dict[str, Task] = {
 }
 
 
-def _obs_distribution(task: Task, theta):
+def _obs_distribution(task: Task, theta, key=0):
     conditioned = numpyro.handlers.condition(task.model, {"theta": theta})
-    trace = numpyro.handlers.trace(numpyro.handlers.seed(conditioned, 0)).get_trace()
+    trace = numpyro.handlers.trace(numpyro.handlers.seed(conditioned, key)).get_trace()
     return trace["obs"]["fn"]
 
 
@@ -636,6 +655,8 @@ def simulate(task: Task, key: jax.Array, theta) -> jax.Array:
     theta = jnp.asarray(theta)
     if theta.ndim == 2:
         return jax.vmap(lambda k, t: simulate(task, k, t))(jax.random.split(key, theta.shape[0]), theta)
+    if not task.has_likelihood:  # the simulator draws inside the model: its Delta holds this key's output
+        return _obs_distribution(task, theta, key).sample(key)
     return _obs_distribution(task, theta).sample(key)
 
 
@@ -646,6 +667,8 @@ def log_likelihood(task: Task, theta, obs) -> jax.Array:
         >>> log_likelihood(TASKS["gaussian_linear_uniform"], jnp.zeros(10), jnp.zeros(10)).shape
         ()
     """
+    if not task.has_likelihood:
+        raise ValueError(f"{task.name}'s observation is a simulator's output with no likelihood")
     theta = jnp.asarray(theta)
     obs = jnp.asarray(obs)
     if theta.ndim == 2:

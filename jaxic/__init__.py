@@ -11,7 +11,7 @@ from jaxic.api import (CANDIDATE_OPTIONS, COMPACT_CANDIDATE, Candidate, Compiled
                        compile, compile_best, load)
 from jaxic.callbacks import CSVLogger, TensorBoardLogger, TrainingRecord
 from jaxic.control_flow import bounded_while, rejection_sample
-from jaxic.errors import (CheckpointError, IndexOutOfRangeError, JaxicError, ModelError, ObservationError,
+from jaxic.errors import (CheckpointError, IndexOutOfRangeError, JaxicError, ModelError, NoLikelihoodError, ObservationError,
                           StallWarning, UnknownSiteError, UnsupportedDistributionError, UntraceableModelError)
 from jaxic.export import to_arviz
 from jaxic.inference import Posterior, predictive
@@ -26,7 +26,7 @@ __all__ = ["control_flow", "bounded_while", "rejection_sample", "TraceDataset", 
            "write_simulations",
            "CompiledModel", "TrainConfig", "compile", "load", "compile_best", "Selection", "Candidate",
            "CANDIDATE_OPTIONS", "COMPACT_CANDIDATE", "CheckpointError", "JaxicError", "ModelError", "StallWarning",
-           "ObservationError", "UnsupportedDistributionError", "IndexOutOfRangeError", "UnknownSiteError",
+           "ObservationError", "NoLikelihoodError", "UnsupportedDistributionError", "IndexOutOfRangeError", "UnknownSiteError",
            "UntraceableModelError",
            "Posterior", "predictive",
            "importance_sample", "TransformerConfig", "TraceSpec", "derive_trace_spec", "sample_joint",

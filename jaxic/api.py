@@ -93,7 +93,7 @@ class CompiledModel:
         # Read once: observations are checked against them on the host, before anything compiles.
         self.observed_supports = checks.observed_supports(proposal.model, [o.name for o in proposal.spec.observed])
         # Replicated results stay readable on every host of a multi-host mesh.
-        self.sampler = jax.jit(core.importance_sample, static_argnums=(1, 4),
+        self.sampler = jax.jit(core.draw_particles, static_argnums=(1, 4),
                                static_argnames=("sharding", "chunk_size", "defensive", "defensive_scale"),
                                **({} if mesh is None else {"out_shardings": parallel.replicated(mesh)}))
 
@@ -402,9 +402,22 @@ class CompiledModel:
             >>> post = compiled.posterior(jax.random.key(1), {"obs": jnp.array([4.0, 25.0])}, 1000)
             >>> post[1].ess
         """
+        self.spec.check_likelihood("importance sampling (compiled.posterior)")
         post = self._importance(key, observations, num_samples, defensive, defensive_scale)
         _warn_failed_particles(post)
         return post
+
+    def proposal_draws(self, key: jax.Array, observations: Mapping[str, Any], num_samples: int = 1000) -> Posterior:
+        """The raw proposal draws as a :class:`jaxic.Posterior`, with their ``executed`` masks and log
+        densities but without :meth:`posterior`'s checks and warnings on weights: for diagnostics that read
+        the draws themselves (SBC and TARP on raw draws), also for a model whose observation has no likelihood
+        (a ``Delta``; its log weights are then -inf). Batched like :meth:`posterior`.
+
+        Example:
+            >>> draws = compiled.proposal_draws(jax.random.key(0), {"obs": 25.0}, 100)
+            >>> draws.samples["x"].shape, draws.executed["x"].shape
+        """
+        return self._importance(key, observations, num_samples)
 
     def _importance(self, key, observations, num_samples, defensive=0.0, defensive_scale=core.DEFENSIVE_SCALE):
         key = checks.prng_key("key", key)
@@ -412,8 +425,8 @@ class CompiledModel:
         defensive, defensive_scale = core.check_defensive(defensive, defensive_scale)
         observations = self.checked_observations(observations)
         if self.spec.dynamic:  # the model is Python: nothing to jit around it
-            post = core.importance_sample(self.proposal, None, key, observations, num_samples, defensive=defensive,
-                                          defensive_scale=defensive_scale)
+            post = core.draw_particles(self.proposal, None, key, observations, num_samples, defensive=defensive,
+                                       defensive_scale=defensive_scale)
         else:
             if self.mesh is not None:
                 parallel.check_divisible(num_samples, self.mesh, "num_samples")
@@ -439,6 +452,7 @@ class CompiledModel:
         Example:
             >>> compiled.predictive(jax.random.key(0), {"obs": jnp.array([4.0, 25.0])}, 500)["obs"].shape  # (2, 500)
         """
+        self.spec.check_likelihood("posterior predictive draws (compiled.predictive, through importance sampling)")
         post_key, draw_key = jax.random.split(checks.prng_key("key", key))
         post = self.posterior(post_key, observations, num_samples if num_particles is None else num_particles)
         return self.predictive_from(post, draw_key, num_samples)
@@ -522,8 +536,19 @@ def checkpoint_metadata(compiled: CompiledModel) -> dict:
 
 
 def _warn_failed_particles(post: Posterior) -> None:
-    """Warn when the model's log density is NaN for some particles: importance sampling gives them zero
-    weight, which is right only if the model really has no mass there."""
+    """Warn when no particle of an observation set has a finite weight (the posterior there is undefined), and
+    when the model's log density is NaN for some particles: importance sampling gives them zero weight, which is
+    right only if the model really has no mass there."""
+    weighted = np.asarray(jnp.any(jnp.isfinite(post.log_weights), axis=-1)).reshape(-1)
+    if not weighted.all():
+        empty = np.flatnonzero(~weighted)
+        where = f"observation sets {empty[:5].tolist()}{' ...' if empty.size > 5 else ''} ({empty.size} of " \
+                f"{weighted.size})" if weighted.size > 1 else "the observation"
+        warnings.warn(f"no particle has a finite importance weight for {where}: the model gives the observation zero "
+                      f"density (or NaN) at every one of the {post.num_samples} proposal draws, so the posterior, its "
+                      "ESS and its evidence are undefined there (NaN). Check that the observation is one the model "
+                      "can produce (units, order of the values); otherwise train the proposal longer or draw more "
+                      "particles.", stacklevel=3)
     failed = np.asarray(jnp.sum(jnp.isnan(post.log_joint), axis=-1)).reshape(-1)  # per observation set
     if not failed.any():
         return
@@ -606,6 +631,8 @@ def _assemble(model, model_args, model_kwargs, observed, key, network, train_con
                          path="masked" if objective.needs_data else path, local_plate=local_plate, data=data,
                          observation_embedders=observation_embedders, statistics_size=train_config.statistics_size,
                          pilot_traces=pilot_traces, max_tokens=max_tokens, spec=spec, dataset=dataset, **limits)
+    if objective.needs_data:
+        proposal.spec.check_likelihood(f"objective='{objective.name}'")
     data = core.check_data(data, proposal.spec, proposal.plate)
     mesh = None if devices is None else parallel.data_mesh(devices)
     dynamic = dataset is not None or proposal.spec.dynamic

@@ -20,6 +20,11 @@ class ObservationError(JaxicError):
     """An observed site or an observation value does not fit the model."""
 
 
+class NoLikelihoodError(ObservationError):
+    """Importance weights, the evidence or a data objective were asked of a model whose observed site
+    is a simulator's output (a ``Delta``): there is no p(obs | latents) to weigh with."""
+
+
 class UnsupportedDistributionError(JaxicError):
     """A latent site has a distribution for which no proposal head exists yet."""
 

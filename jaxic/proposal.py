@@ -480,6 +480,8 @@ def importance_sample(proposal: Proposal, model: Callable | None, key: jax.Array
                       defensive_scale: float = DEFENSIVE_SCALE) -> Posterior:
     """Importance sampling with the proposal running alongside ``model`` (default: the
     proposal's own, with its learned parameters): ``log w = log p(x, y) - log q(x | y)``.
+    A model whose observed site is a simulator's output (a ``Delta``) has no p(y | x):
+    :class:`jaxic.NoLikelihoodError` (its amortized posterior is :func:`sample`).
 
     One observation set, or a batch of n (leading axis) giving ``batch_shape == (n,)``.
     ``chunk_size`` draws the particles in chunks of that many (``lax.map``): memory scales
@@ -495,6 +497,22 @@ def importance_sample(proposal: Proposal, model: Callable | None, key: jax.Array
         >>> post = jax.jit(jaxic.proposal.importance_sample, static_argnums=(1, 4))(
         ...     proposal, None, jax.random.key(0), {"obs": 25.0}, 1000)
         >>> post.ess, post.mean("x")
+    """
+    proposal.spec.check_likelihood("importance sampling")
+    return draw_particles(proposal, model, key, observations, num_samples, sharding=sharding, chunk_size=chunk_size,
+                          defensive=defensive, defensive_scale=defensive_scale)
+
+
+def draw_particles(proposal: Proposal, model: Callable | None, key: jax.Array, observations: Mapping[str, Any],
+                   num_samples: int, *, sharding=None, chunk_size: int | None = None, defensive: float = 0.0,
+                   defensive_scale: float = DEFENSIVE_SCALE) -> Posterior:
+    """:func:`importance_sample` without its likelihood check: the proposal's draws with the model's and
+    the proposal's log densities. For readers of the draws alone (:func:`sample`, SBC on raw draws), which
+    a model without a likelihood still has; its log weights are then -inf.
+
+    Example:
+        >>> draws = jaxic.proposal.draw_particles(proposal, None, jax.random.key(0), {"obs": 25.0}, 100)
+        >>> draws.samples["x"].shape, draws.executed["x"].shape
     """
     model = proposal.bound_model if model is None else model
     obs, batch_shape = observation_batch(proposal, observations)
@@ -553,8 +571,8 @@ def sample(proposal: Proposal, key: jax.Array, observations: Mapping[str, Any], 
         >>> draws = jaxic.proposal.sample(proposal, jax.random.key(0), {"obs": 25.0}, 1000)
         >>> draws["x"].mean()
     """
-    return importance_sample(proposal, None, key, observations, num_samples, sharding=sharding,
-                             chunk_size=chunk_size).samples
+    return draw_particles(proposal, None, key, observations, num_samples, sharding=sharding,
+                          chunk_size=chunk_size).samples
 
 
 @functools.lru_cache(maxsize=32)

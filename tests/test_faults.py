@@ -3,7 +3,8 @@
 The other parts of the catalogue: bad inputs (test_faults_inputs.py), checkpoints
 (test_faults_checkpoint.py), non-finite draws (test_faults_nonfinite.py), hanging models
 (test_faults_hangs.py), diagnostics on NaN (test_faults_diagnostics.py), trace datasets and given
-simulations (test_faults_datasets.py).
+simulations (test_faults_datasets.py), observations without a likelihood and posteriors without a weighted
+particle (test_faults_likelihood.py).
 """
 
 import os

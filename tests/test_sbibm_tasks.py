@@ -57,6 +57,7 @@ def test_registry_shapes_and_jaxic_spec(name, request):
     (site,) = spec.latents
     assert (site.name, site.event_shape) == ("theta", (task.theta_dim,))
     assert spec.observed[0].shape == (task.obs_dim,)
+    assert spec.observed[0].has_likelihood == task.has_likelihood
     assert task.prior_sample(jax.random.key(0), 3).shape == (3, task.theta_dim)
 
 
@@ -197,6 +198,21 @@ def test_bernoulli_glm_design_reproduces_sbibm(cache):
     for k in range(1, 11):
         np.testing.assert_allclose(bernoulli_glm_summary(ref.observation("bernoulli_glm_raw", k)),
                                    ref.observation("bernoulli_glm", k), atol=2e-4)
+
+
+def test_bernoulli_glm_simulates_the_summary_of_fresh_spikes_per_key(cache):
+    """bernoulli_glm draws its spikes inside the model: each key gives other spikes, and their summary X^T y
+    averages to X^T sigmoid(X theta) (the expected summary), at sbibm's true parameters."""
+    task = TASKS["bernoulli_glm"]
+    theta = ref.true_parameters("bernoulli_glm", 1)
+    sims = np.asarray(simulate(task, jax.random.key(4), jnp.broadcast_to(theta, (4000, 10))), np.float64)
+    design = bernoulli_glm_design().astype(np.float64)
+    rate = 1.0 / (1.0 + np.exp(-design @ theta.astype(np.float64)))
+    sd = np.sqrt((design**2).T @ (rate * (1 - rate)))  # of one summary: independent Bernoulli spikes
+    np.testing.assert_array_less(np.abs(sims.mean(0) - design.T @ rate), 4 * sd / np.sqrt(4000))
+    assert len(np.unique(sims[:, 0])) > 5 and np.all(sims[:, 0] == np.round(sims[:, 0]))  # spike counts
+    with pytest.raises(ValueError, match="no likelihood"):
+        log_likelihood(task, theta, sims[0])
 
 
 def test_two_moons_density_normalises_and_matches_simulator():

@@ -454,8 +454,9 @@ def sbc(compiled, key: jax.Array, num_datasets: int = 200, num_samples: int = 10
         num_bins: int | None = None, log_density: bool = True) -> SBCResult:
     """Simulation-based calibration of a compiled proposal.
 
-    Simulates ``num_datasets`` joint draws, infers all of them in ONE batched
-    :meth:`~jaxic.CompiledModel.posterior` call with ``num_samples`` particles each, and
+    Simulates ``num_datasets`` joint draws, infers all of them in ONE batched call
+    (:meth:`~jaxic.CompiledModel.proposal_draws`, or :meth:`~jaxic.CompiledModel.posterior` when
+    ``weighted``) with ``num_samples`` particles each, and
     ranks every true latent element among the draws (ties, as for discrete sites, broken
     at random; elements that did not run in the simulated trace are left out, and draws
     count only where the element ran).
@@ -468,7 +469,7 @@ def sbc(compiled, key: jax.Array, num_datasets: int = 200, num_samples: int = 10
         num_bins: bins of the chi-square test and histograms (default ``num_datasets // 10``,
             between 4 and 20).
         log_density: also rank ``log p(x, y)`` (key :data:`LOG_JOINT`), which catches a
-            proposal that ignores the data.
+            proposal that ignores the data (skipped for a model whose observation has no likelihood).
 
     Example:
         >>> result = jaxic.diagnostics.sbc(compiled, jax.random.key(0), num_datasets=200)
@@ -482,8 +483,12 @@ def sbc(compiled, key: jax.Array, num_datasets: int = 200, num_samples: int = 10
     if num_datasets < 5 or num_samples < 1:
         raise JaxicError(f"SBC needs num_datasets >= 5 and num_samples >= 1, got {num_datasets}, {num_samples}.")
     sim_key, post_key, resample_key, jitter_key = jax.random.split(key, 4)
+    if weighted:
+        compiled.spec.check_likelihood("SBC with weighted=True")
+    # A model without a likelihood has no log p(x, y) of its draws to rank.
+    log_density = log_density and not compiled.spec.likelihood_free
     truth, ran, observations, true_log_p = simulate(compiled, sim_key, num_datasets)
-    post = compiled.posterior(post_key, observations, num_samples=num_samples)
+    post = (compiled.posterior if weighted else compiled.proposal_draws)(post_key, observations, num_samples)
     samples = {name: np.asarray(post.samples[name]) for name in sites}
     executed = {name: np.asarray(post.executed[name]) if post.executed is not None and name in post.executed
                 else np.ones(samples[name].shape[:2 + _batch_ndim(compiled, name)], bool)

@@ -111,7 +111,7 @@ def report(compiled, key: jax.Array, observations: Mapping[str, Any] | None = No
            levels: Sequence[float] = (0.5, 0.8, 0.95), weighted: bool = False, alpha: float = 0.01,
            num_traces: int = 1024, verbose: bool = True) -> DiagnosticReport:
     """Check a compiled proposal: held-out loss, SBC, coverage and, given observations,
-    ESS and Pareto k-hat of the posterior there. Prints a readable report with verdicts
+    ESS and Pareto k-hat of the posterior there (not for a model whose observation has no likelihood). Prints a readable report with verdicts
     (unless ``verbose=False``) and returns the numbers.
 
     The SBC budget (``num_datasets`` x ``num_samples``) is small by default: a pass is
@@ -144,7 +144,11 @@ def report(compiled, key: jax.Array, observations: Mapping[str, Any] | None = No
             verdicts.append(f"coverage of {name} is off: " + ", ".join(off) + ".")
     khat = ess_value = ess_fraction = None
     weights_ok = True
-    if observations is not None:
+    if observations is not None and compiled.spec.likelihood_free:
+        verdicts.append(f"no importance weights at the observations: observed site "
+                        f"{', '.join(repr(n) for n in compiled.spec.likelihood_free)} has no likelihood (a Delta); the raw draws "
+                        "(compiled.sample) are the posterior, and SBC and coverage above check them.")
+    elif observations is not None:
         post = compiled.posterior(post_key, observations, num_samples=num_particles)
         khat, ess_value = pareto_khat(post), ess(post)
         ess_fraction = ess_value / post.num_samples
@@ -169,7 +173,7 @@ def report(compiled, key: jax.Array, observations: Mapping[str, Any] | None = No
     ok = sbc_result.passed and cov.passed and weights_ok and losses_ok
     rep = DiagnosticReport(validation_loss=validation, held_out_loss=fresh, sbc=sbc_result,
                            coverage=cov, khat=khat, ess=ess_value, ess_fraction=ess_fraction,
-                           num_particles=num_particles if observations is not None else 0,
+                           num_particles=num_particles if khat is not None else 0,
                            verdicts=tuple(verdicts), ok=ok, training_note=_training_note(compiled))
     if verbose:
         print(rep)

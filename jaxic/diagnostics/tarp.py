@@ -168,8 +168,10 @@ def _from_compiled(compiled, key, num_datasets, num_samples, sites, weighted):
     if unknown:
         raise JaxicError(f"{unknown} are not latent sites of this proposal; its latent sites are {names}.")
     sim_key, post_key, resample_key = jax.random.split(key, 3)
+    if weighted:
+        compiled.spec.check_likelihood("TARP with weighted=True")
     truth, ran, observations, _ = simulate(compiled, sim_key, num_datasets)
-    post = compiled.posterior(post_key, observations, num_samples=num_samples)
+    post = (compiled.posterior if weighted else compiled.proposal_draws)(post_key, observations, num_samples)
     samples = {name: np.asarray(post.samples[name]) for name in sites}
     for name in sites:
         skipped = int(np.sum(~np.all(ran[name].reshape(num_datasets, -1), axis=1)))

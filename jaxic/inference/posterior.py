@@ -36,6 +36,24 @@ def resample_indices(key: jax.Array, log_weights: jax.Array, num: int) -> jax.Ar
     return index.reshape(log_weights.shape[:-1] + (num,))
 
 
+def check_weighted(posterior: "Posterior") -> None:
+    """Raise :class:`jaxic.JaxicError` if an observation set has no particle with a finite weight:
+    resampling (``resample``, predictive draws) needs one. Under ``jit`` the weights are unknown: no check.
+
+    Example:
+        >>> check_weighted(post)   # before drawing from it
+    """
+    log_w = posterior.log_weights
+    if isinstance(log_w, jax.core.Tracer):
+        return
+    dead = np.argwhere(~np.any(np.isfinite(np.asarray(log_w)), axis=-1).reshape(posterior.batch_shape or (1,)))
+    if dead.size:
+        where = "" if not posterior.batch_shape else f" of observation set {int(dead[0][0])}"
+        raise JaxicError(f"every particle{where} has zero (or NaN) importance weight, so there is no posterior to "
+                         "draw from; draw more particles, train the proposal longer, or check that the "
+                         "observation is possible under the model.")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Posterior:
@@ -146,7 +164,9 @@ class Posterior:
         return out if np.ndim(q) else out[0]
 
     def resample(self, key: jax.Array, num: int) -> dict[str, jax.Array]:
-        """``num`` unweighted draws per observation set (multinomial resampling)."""
+        """``num`` unweighted draws per observation set (multinomial resampling); an observation set
+        without a particle of finite weight is an error (see :func:`check_weighted`)."""
+        check_weighted(self)
         index = resample_indices(key, self.log_weights, num)
         axis = len(self.batch_shape)
 

@@ -18,7 +18,7 @@ from numpyro import handlers
 
 from jaxic import validation as checks
 from jaxic.errors import JaxicError
-from jaxic.inference.posterior import Posterior, resample_indices
+from jaxic.inference.posterior import Posterior, check_weighted, resample_indices
 from jaxic.tracing.spec import JIT_FAILURES, abstract_trace, run_model
 from jaxic.tracing.limits import resolve_timeout
 from jaxic.tracing.universal import run_bounded, stack_deterministic
@@ -53,7 +53,7 @@ def predictive(model: Callable, posterior: Posterior, key: jax.Array, num_sample
     key = checks.prng_key("key", key)
     num_samples = checks.positive_int("num_samples", num_samples)
     bound = functools.partial(model, *tuple(model_args), **dict(model_kwargs or {}))
-    _check_weights(posterior)
+    check_weighted(posterior)
     resample_key, model_key = jax.random.split(key)
     batch_ndims = len(posterior.batch_shape) + 1
     index = resample_indices(resample_key, posterior.log_weights, num_samples)
@@ -86,19 +86,6 @@ def _predicted(trace: dict, drawn: dict) -> dict:
     """What one predictive run returns: its deterministic sites and the samples not taken from the posterior."""
     return {n: m["value"] for n, m in trace.items()
             if m["type"] == "deterministic" or (m["type"] == "sample" and n not in drawn)}
-
-
-def _check_weights(posterior: Posterior) -> None:
-    """Resampling needs a particle with positive weight in every observation set."""
-    log_w = posterior.log_weights
-    if isinstance(log_w, jax.core.Tracer):
-        return  # under jit the weights are not known yet
-    dead = np.argwhere(~np.any(np.isfinite(np.asarray(log_w)), axis=-1).reshape(posterior.batch_shape or (1,)))
-    if dead.size:
-        where = "" if not posterior.batch_shape else f" of observation set {int(dead[0][0])}"
-        raise JaxicError(f"every particle{where} has zero (or NaN) importance weight, so there is no posterior to "
-                         "draw from; draw more particles, train the proposal longer, or check that the "
-                         "observation is possible under the model.")
 
 
 def _eager(model: Callable, draws: dict[str, jax.Array], key: jax.Array, batch_ndims: int) -> dict[str, jax.Array]:

@@ -23,7 +23,8 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.contrib.control_flow.scan import scan_wrapper
 from numpyro.primitives import Messenger
 
-from jaxic.errors import JaxicError, ModelError, ObservationError, UnsupportedDistributionError, UntraceableModelError
+from jaxic.errors import (JaxicError, ModelError, NoLikelihoodError, ObservationError, UnsupportedDistributionError,
+                          UntraceableModelError)
 from jaxic.tracing import limits
 
 # What jax raises when a model branches in Python on a traced value (the universal path's cue).
@@ -107,11 +108,15 @@ class ObservedSite:
     ``scale``: how the network sees its values, from the site's support: ``"log"`` for positive
     supports (log-normal, gamma, ... observations span orders of magnitude), ``"logit"`` for the unit
     interval, ``"linear"`` otherwise (and for specs saved before the field existed).
+    ``has_likelihood``: False when the site is a ``Delta`` holding a simulator's output (a black-box
+    simulator's summary statistics): the proposal learns from it, but p(obs | latents) does not exist,
+    so importance sampling, the evidence and the ELBO/RWS objectives refuse it.
     """
 
     name: str
     shape: tuple[int, ...]
     scale: str = "linear"
+    has_likelihood: bool = True
 
     @property
     def size(self) -> int:
@@ -152,6 +157,30 @@ def observation_scale(name: str, msg: dict) -> str:
     if support is constraints.unit_interval:
         return "logit"
     return "linear"
+
+
+def observation_has_likelihood(msg: dict) -> bool:
+    """False when an observed site's distribution is a point mass (``Delta``, possibly masked, expanded or
+    made independent): a simulator's output observed as it is, with no density p(obs | latents).
+
+    Example:
+        >>> observation_has_likelihood({"fn": dist.Delta(jnp.zeros(3), event_dim=1)})
+        False
+    """
+    fn = msg["fn"]
+    while isinstance(fn, (MaskedDistribution, dist.ExpandedDistribution, dist.Independent)):
+        fn = fn.base_dist
+    return not isinstance(fn, dist.Delta)
+
+
+def observed_site(name: str, msg: dict) -> ObservedSite:
+    """The :class:`ObservedSite` of the observed site ``name``, its trace entry ``msg``.
+
+    Example:
+        >>> observed_site("obs", trace["obs"]).scale   # "log" for a LogNormal observation
+    """
+    return ObservedSite(name, tuple(jnp.shape(msg["value"])), observation_scale(name, msg),
+                        observation_has_likelihood(msg))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +264,26 @@ class TraceSpec:
         as_int = lambda v: np.asarray(v, dtype=np.int32)[order]
         return {"address": as_int(address), "instance": as_int(instance), "dist_type": as_int(dist_type)}
 
+    @property
+    def likelihood_free(self) -> tuple[str, ...]:
+        """Names of the observed sites that are a simulator's output with no likelihood (``Delta``)."""
+        return tuple(o.name for o in self.observed if not o.has_likelihood)
+
+    def check_likelihood(self, needed_for: str) -> None:
+        """Raise :class:`jaxic.NoLikelihoodError` if an observed site has no likelihood, saying what needed it.
+
+        Example:
+            >>> spec.check_likelihood("importance sampling")
+        """
+        if self.likelihood_free:
+            names = ", ".join(f"'{n}'" for n in self.likelihood_free)
+            raise NoLikelihoodError(
+                f"{needed_for} cannot run: it needs p(obs | latents), but observed site {names} is a Delta: a simulator's output "
+                "with no likelihood. The amortized posterior needs none: draw from it with compiled.sample(key, "
+                "observations, n) (as NPE does), or give the site a noise model (e.g. dist.Normal(value, noise)) "
+                "if its values are noisy measurements."
+            )
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
@@ -245,8 +294,8 @@ class TraceSpec:
         latents = tuple(
             LatentSite(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()}) for s in raw["latents"]
         )
-        observed = tuple(ObservedSite(name=o["name"], shape=tuple(o["shape"]), scale=o.get("scale", "linear"))
-                         for o in raw["observed"])
+        observed = tuple(ObservedSite(name=o["name"], shape=tuple(o["shape"]), scale=o.get("scale", "linear"),
+                                      has_likelihood=o.get("has_likelihood", True)) for o in raw["observed"])
         return cls(latents=latents, observed=observed, dist_types=tup(raw["dist_types"]),
                    dynamic=raw.get("dynamic", False), max_tokens=raw.get("max_tokens", 0),
                    max_sites_per_run=raw.get("max_sites_per_run"), run_timeout=raw.get("run_timeout"),
@@ -518,10 +567,9 @@ def derive_trace_spec(model: Callable, observed: Sequence[str], key: jax.Array |
     except Exception as exc:  # the user's code failed: say where
         raise ModelError(f"the model raised {type(exc).__name__}: {exc} (at {user_frame(exc)})") from exc
     samples = {n: s for n, s in trace.items() if s["type"] == "sample"}
-    check_observed(samples, observed)
+    check_observed(samples, observed, trace)
     latents = _lay_out(samples, observed, recorder.groups, elementwise)
-    obs_sites = tuple(ObservedSite(n, tuple(jnp.shape(samples[n]["value"])), observation_scale(n, samples[n]))
-                      for n in observed)
+    obs_sites = tuple(observed_site(n, samples[n]) for n in observed)
     check_jittable(model)
     dist_types = tuple(sorted({s.dist_type for s in latents}))
     return TraceSpec(latents=tuple(latents), observed=obs_sites, dist_types=dist_types,
@@ -584,8 +632,16 @@ class ScanRecorder(Messenger):
         self.groups.append(tuple(n for n, site in pytree_trace.trace.items() if site["type"] == "sample"))
 
 
-def check_observed(samples: dict, observed: Sequence[str]) -> None:
+def check_observed(samples: dict, observed: Sequence[str], trace: dict | None = None) -> None:
+    """Each name in ``observed`` must be a sample site of the model whose value jaxic can simulate."""
     for name in observed:
+        if name not in samples and trace is not None and trace.get(name, {}).get("type") == "deterministic":
+            raise ObservationError(
+                f"observed site '{name}' is a numpyro.deterministic site; jaxic observes sample sites. Observe a "
+                f"simulator's output with numpyro.sample('{name}', dist.Delta(value, event_dim=value.ndim), obs=obs) "
+                "(compiled.sample then gives the amortized posterior, but importance sampling needs a likelihood), "
+                f"or give it a noise model, e.g. numpyro.sample('{name}', dist.Normal(value, noise), obs=obs)."
+            )
         if name not in samples:
             raise ObservationError(
                 f"observed site '{name}' is not a sample site of the model; its sample sites are {sorted(samples)}."

@@ -26,7 +26,7 @@ import numpy as np
 from jaxic.errors import JaxicError, ModelError
 from jaxic.tracing.limits import PILOT_MIN_SITES, limit_sites, resolve_timeout, time_limit, user_frame
 from jaxic.tracing.spec import (DeterministicSite, LatentSite, ObservedSite, TraceSpec, as_tokens, check_observed,
-                                deterministic_sites, latent_site, observation_scale, run_model, shape_change_message,
+                                deterministic_sites, latent_site, observed_site, run_model, shape_change_message,
                                 token_mask)
 from jaxic.tracing.traces import Tokens
 
@@ -86,7 +86,7 @@ def derive_universal_spec(model: Callable, observed: Sequence[str], key: jax.Arr
     sites: dict[str, LatentSite] = {}
     determ: dict[str, DeterministicSite] = {}
     obs_shapes: dict[str, tuple] = {}
-    obs_scales: dict[str, str] = {}
+    obs_sites: dict[str, ObservedSite] = {}
     longest = longest_sites = 0
     for i, k in enumerate(jax.random.split(key, num_traces)):
         # Until the pilots have shown how long a run gets, the bound grows with them.
@@ -94,10 +94,10 @@ def derive_universal_spec(model: Callable, observed: Sequence[str], key: jax.Arr
         trace = run_bounded(model, k, bound, timeout, f"pilot run {i + 1} of {num_traces} deriving the trace spec")
         samples = {n: m for n, m in trace.items() if m["type"] == "sample"}
         longest_sites = max(longest_sites, len(samples))
-        check_observed(samples, observed)
+        check_observed(samples, observed, trace)
         for name in observed:
             shape = tuple(jnp.shape(samples[name]["value"]))
-            obs_scales.setdefault(name, observation_scale(name, samples[name]))
+            obs_sites.setdefault(name, observed_site(name, samples[name]))
             if obs_shapes.setdefault(name, shape) != shape:
                 raise ModelError(f"observed site '{name}' changes shape between runs ({obs_shapes[name]} vs "
                                  f"{shape}); jaxic needs a fixed observation shape (pad it and observe a mask).")
@@ -119,7 +119,7 @@ def derive_universal_spec(model: Callable, observed: Sequence[str], key: jax.Arr
         raise ModelError(f"the model has no latent sample sites (observed: {list(observed)}); nothing to infer.")
     max_tokens = max_tokens or max(longest + 1, math.ceil(1.25 * longest))
     latents = tuple(sites.values())
-    return TraceSpec(latents=latents, observed=tuple(ObservedSite(n, obs_shapes[n], obs_scales[n]) for n in observed),
+    return TraceSpec(latents=latents, observed=tuple(obs_sites[n] for n in observed),
                      dist_types=tuple(sorted({s.dist_type for s in latents})), dynamic=True, max_tokens=max_tokens,
                      max_sites_per_run=int(max_sites_per_run or 4 * longest_sites + 100), run_timeout=run_timeout,
                      deterministic=tuple(determ.values()))

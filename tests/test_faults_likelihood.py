@@ -1,0 +1,108 @@
+"""Fault catalogue: simulators observed without a likelihood, and posteriors in which no particle has weight.
+
+A black-box simulator's output (summary statistics of random draws made inside the model) is observed
+as a ``Delta``: the proposal learns from it like NPE, so ``compiled.sample`` is the posterior, while
+everything that weighs by p(obs | latents) refuses by name instead of returning NaN.
+"""
+
+import json
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+
+import jaxic
+from jaxic.errors import NoLikelihoodError, ObservationError
+from jaxic.networks import TransformerConfig
+from jaxic.tracing import TraceSpec
+
+NOISE = 0.5
+TINY = dict(network=TransformerConfig(d_model=16, num_heads=2, num_layers=1, obs_hidden=32), validation_size=64,
+            progress=False)
+
+
+def simulator(obs=None):
+    """theta ~ N(0, 1); the simulator adds N(0, NOISE^2) noise it draws itself: p(theta | obs) is
+    N(obs / (1 + NOISE^2), NOISE^2 / (1 + NOISE^2)), though the model states no likelihood."""
+    theta = numpyro.sample("theta", dist.Normal(0.0, 1.0))
+    noisy = theta + NOISE * jax.random.normal(numpyro.prng_key())
+    numpyro.sample("obs", dist.Delta(noisy), obs=obs)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return jaxic.compile(simulator, ["obs"], jax.random.key(0), 1500, batch_size=128, learning_rate=3e-3, **TINY)
+
+
+def test_the_spec_marks_the_observation_as_without_likelihood_and_keeps_it_in_json(compiled):
+    (site,) = compiled.spec.observed
+    assert not site.has_likelihood and compiled.spec.likelihood_free == ("obs",)
+    again = TraceSpec.from_json(compiled.spec.to_json())
+    assert again.likelihood_free == ("obs",)
+    # Specs written before the field existed read as having a likelihood.
+    raw = json.loads(compiled.spec.to_json())
+    del raw["observed"][0]["has_likelihood"]
+    assert TraceSpec.from_json(json.dumps(raw)).likelihood_free == ()
+
+
+def test_raw_draws_of_a_simulator_without_likelihood_are_its_posterior(compiled):
+    observed = jnp.array([-1.0, 0.0, 1.5])
+    draws = np.asarray(compiled.sample(jax.random.key(1), {"obs": observed}, 4000)["theta"])
+    shrink = 1.0 / (1.0 + NOISE**2)
+    np.testing.assert_allclose(draws.mean(axis=1), np.asarray(observed) * shrink, atol=0.12)
+    np.testing.assert_allclose(draws.std(axis=1), math.sqrt(NOISE**2 * shrink), rtol=0.2)
+
+
+def test_everything_that_weighs_by_the_likelihood_refuses_by_name(compiled):
+    obs = {"obs": 0.3}
+    for call in (lambda: compiled.posterior(jax.random.key(0), obs, 10),
+                 lambda: compiled.predictive(jax.random.key(0), obs, 10),
+                 lambda: jaxic.importance_sample(compiled.proposal, None, jax.random.key(0), obs, 10),
+                 lambda: jaxic.diagnostics.sbc(compiled, jax.random.key(0), 10, 10, weighted=True)):
+        with pytest.raises(NoLikelihoodError, match=r"observed site 'obs' is a Delta.*compiled\.sample"):
+            call()
+    with pytest.raises(NoLikelihoodError, match="objective='elbo'"):
+        jaxic.compile(simulator, ["obs"], jax.random.key(0), 0, objective="elbo", data={"obs": jnp.zeros(4)}, **TINY)
+
+
+def test_sbc_and_the_report_check_raw_draws_of_a_simulator_without_likelihood(compiled):
+    result = jaxic.diagnostics.sbc(compiled, jax.random.key(2), 60, 30)
+    assert not result.weighted and set(result.ranks) == {"theta"}  # no log-density rank without a likelihood
+    assert result.passed
+    rep = jaxic.diagnostics.report(compiled, jax.random.key(3), {"obs": 0.3}, num_datasets=20, num_samples=20,
+                                   verbose=False)
+    assert rep.khat is None and rep.num_particles == 0
+    assert any("no importance weights" in v and "'obs' has no likelihood" in v for v in rep.verdicts)
+
+
+def test_a_deterministic_site_named_as_observed_gets_the_delta_recipe():
+    def model(obs=None):
+        theta = numpyro.sample("theta", dist.Normal(0.0, 1.0))
+        numpyro.deterministic("obs", theta + jax.random.normal(numpyro.prng_key()))
+
+    with pytest.raises(ObservationError, match=r"'obs' is a numpyro.deterministic site.*dist\.Delta"):
+        jaxic.compile(model, ["obs"], jax.random.key(0), 0, **TINY)
+
+
+def test_a_posterior_with_no_weighted_particle_warns_and_says_which_observation():
+    def model(obs=None):
+        x = numpyro.sample("x", dist.Uniform(0.0, 1.0))
+        numpyro.sample("obs", dist.Uniform(x, x + 1.0), obs=obs)
+
+    compiled = jaxic.compile(model, ["obs"], jax.random.key(0), 0, **TINY)
+    with pytest.warns(UserWarning, match=r"no particle has a finite importance weight for observation sets \[1\] "
+                                         r"\(1 of 2\)"):
+        post = compiled.posterior(jax.random.key(0), {"obs": jnp.array([0.5, 2.5])}, 50)  # 2.5 > x + 1 always
+    ess = np.asarray(post.ess)
+    assert np.isfinite(ess[0]) and np.isnan(ess[1])
+    with pytest.raises(jaxic.JaxicError, match="every particle of observation set 1 has zero"):
+        post.resample(jax.random.key(1), 10)  # resampling by weight would pick garbage there
+    assert post[0].resample(jax.random.key(1), 10)["x"].shape == (10,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every set has weight: no warning
+        compiled.posterior(jax.random.key(0), {"obs": jnp.array([0.5, 1.2])}, 50)
