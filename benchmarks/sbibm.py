@@ -14,7 +14,7 @@ each observation in ``--observations``:
 * **raw**: ``--draws`` raw proposal draws (``compiled.sample``) against as many reference draws;
 * **IS**: ``--draws`` draws resampled from ``--oversample`` times as many importance particles (so that
   repeated particles stay rare: the classifier would otherwise tell the sets apart by memorising points),
-  with the particles' ESS/N;
+  with the particles' ESS/N; not for a task whose observation has no likelihood (``bernoulli_glm``);
 * **sbi NPE** (when the ``sbi`` package is installed, ``--peers npe``): sbi's default NPE trained on the
   very same simulations, ``--draws`` samples per observation.
 
@@ -58,6 +58,7 @@ HEADING = "## SBI benchmark: C2ST against sbibm's reference posteriors (benchmar
 
 
 NPE_LABEL = "sbi NPE"
+DEFAULT_BATCH_SIZE = 64  # jaxic.compile's; a run with another is kept as its own method
 # Groups stored before 2026-11-30 20:00 UTC built NPE without the prior, so its draws outside the prior's support were
 # kept; their stored groups carry this name.
 NPE_WITHOUT_PRIOR = "sbi NPE (prior not passed)"
@@ -90,10 +91,11 @@ def network_overrides(args) -> dict:
 
 
 def jaxic_label(args) -> str:
-    """``"jaxic"`` with its defaults; a run that changes the network or the weight decay is kept as its own
-    method, e.g. ``"jaxic (d_model 32, obs_hidden 64, weight decay 0.05)"``."""
+    """``"jaxic"`` with its defaults; a run that changes the network, the weight decay or the batch size is kept
+    as its own method, e.g. ``"jaxic (d_model 32, obs_hidden 64, weight decay 0.05)"``."""
     changes = [f"{name} {value}" for name, value in network_overrides(args).items()]
     changes += [] if args.weight_decay is None else [f"weight decay {args.weight_decay:g}"]
+    changes += [] if args.batch_size == DEFAULT_BATCH_SIZE else [f"batch {args.batch_size}"]
     changes += ["network chosen by held-out loss"] if args.select else []
     return "jaxic" if not changes else f"jaxic ({', '.join(changes)})"
 
@@ -314,7 +316,7 @@ def figure(groups: list[dict], path: Path) -> None:
 
 def add_training_options(parser) -> None:
     """How jaxic trains on the simulations (shared with ``benchmarks/sbibm_capacity.py``)."""
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--epochs", type=int, default=40, help="jaxic: passes over the simulations at most")
     parser.add_argument("--min-steps", type=int, default=5000, help="jaxic: optimisation steps at least")
     parser.add_argument("--max-steps", type=int, default=60_000, help="jaxic: optimisation steps at most")

@@ -1,4 +1,4 @@
-"""Nine simulation-based-inference benchmark tasks as NumPyro models, transcribed from sbibm 1.1.0's
+"""sbibm's ten simulation-based-inference benchmark tasks as NumPyro models, transcribed from sbibm 1.1.0's
 task definitions (``sbibm/tasks/<task>/task.py``).
 
 Reference: J.-M. Lueckmann, J. Boelts, D. S. Greenberg, P. J. Goncalves and J. H. Macke,
@@ -16,6 +16,10 @@ columns follow sbibm's reference CSVs, and ``obs``, the observation in sbibm's s
 * ``bernoulli_glm_raw``: theta ~ N(0, B^-1) (sbibm's smoothness precision B); obs ~ Bernoulli(sigmoid(X theta))
   for the 100 time bins, X sbibm's fixed design matrix (offset column, then 9 lags of a white-noise
   stimulus drawn by ``numpy.random.RandomState(42)``: reproduced bit for bit, see :func:`bernoulli_glm_design`).
+* ``bernoulli_glm``: the same spikes seen only through their 10 summary statistics X^T y (the spike count and 9
+  spike-triggered sums). The spikes are drawn inside the model and the summary observed as a ``Delta``, as a
+  black-box simulator is written: it has no likelihood (``Task.has_likelihood`` False), so only jaxic's raw
+  draws are scored, and importance sampling refuses it (``jaxic.NoLikelihoodError``).
 * ``sir``: theta = (beta, gamma) ~ LogNormal((log 0.4, log 0.125), (0.5, 0.2)); the SIR ODE with
   N = 1e6, (S, I, R)(0) = (N - 1, 1, 0); obs ~ Binomial(1000, I(t)/N) at t = 0, 17, ..., 153 days
   (sbibm saves daily on [0, 160] and keeps every 17th point).
@@ -27,8 +31,7 @@ columns follow sbibm's reference CSVs, and ``obs``, the observation in sbibm's s
   standard deviations theta2^2, theta3^2 and correlation tanh(theta4), plus 1e-6 on the diagonal.
 * ``slcp_distractors``: slcp with its 8 values among 92 distractors from a fixed mixture of 20 multivariate
   Student-t components (2 degrees of freedom), the 100 values permuted as sbibm does; the mixture and the
-  permutation are sbibm's own (:func:`benchmarks.sbibm_reference.distractor_mixture`). (The summary-statistic
-  ``bernoulli_glm`` is left out: it has no tractable likelihood for importance sampling.)
+  permutation are sbibm's own (:func:`benchmarks.sbibm_reference.distractor_mixture`).
 * ``lotka_volterra``: theta = (alpha, beta, gamma, delta) ~ LogNormal((-0.125, -3, -0.125, -3), 0.5);
   the predator-prey ODE with (x, y)(0) = (30, 1); obs ~ LogNormal(log clip(u, 1e-10, 1e4), 0.1) at
   t = 0, 2.1, ..., 18.9 (sbibm saves every 0.1 on [0, 20] and keeps every 21st point), ordered

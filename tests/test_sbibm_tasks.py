@@ -301,6 +301,7 @@ def test_a_jaxic_run_with_other_sizes_is_kept_as_its_own_method():
     assert sbibm.network_overrides(args) == {"d_model": 32, "obs_hidden": 64}
     assert sbibm.jaxic_label(args) == "jaxic (d_model 32, obs_hidden 64, weight decay 0.05)"
     assert sbibm.jaxic_label(sbibm.parse_args(["--select"])) == "jaxic (network chosen by held-out loss)"
+    assert sbibm.jaxic_label(sbibm.parse_args(["--batch-size", "256"])) == "jaxic (batch 256)"
     row = {"task": "sir", "simulations": 10_000, "observation": 1, "method": sbibm.jaxic_label(args),
            "train_s": 5.0, "sample_s": 1.0, "steps": 100, "best_step": 90, "c2st_raw": 0.6, "c2st_is": 0.5,
            "ess_fraction": 0.4}
