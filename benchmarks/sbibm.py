@@ -143,10 +143,11 @@ def jaxic_runs(task, theta: np.ndarray, x: np.ndarray, args, folder: Path) -> li
             weighted = {"c2st_is": c2st(resampled, ref, n_jobs=args.c2st_jobs),
                         "ess_fraction": float(post.ess) / post.num_samples, "is": marginals(resampled, ref)}
         sample_s = time.perf_counter() - start
-        rows.append(report({"task": task.name, "simulations": simulations, "observation": k, "method": jaxic_label(args),
-                            "train_s": train_s, "sample_s": sample_s, "steps": compiled.step,
-                            "best_step": compiled.best_step, "c2st_raw": c2st(raw, ref, n_jobs=args.c2st_jobs),
-                            "raw": marginals(raw, ref), **weighted}))
+        rows.append(report({"task": task.name, "simulations": simulations, "observation": k,
+                            "method": jaxic_label(args), "train_s": train_s, "sample_s": sample_s,
+                            "steps": compiled.step, "best_step": compiled.best_step,
+                            "c2st_raw": c2st(raw, ref, n_jobs=args.c2st_jobs), "raw": marginals(raw, ref),
+                            **weighted}))
     return rows
 
 

@@ -111,8 +111,9 @@ def report(compiled, key: jax.Array, observations: Mapping[str, Any] | None = No
            levels: Sequence[float] = (0.5, 0.8, 0.95), weighted: bool = False, alpha: float = 0.01,
            num_traces: int = 1024, verbose: bool = True) -> DiagnosticReport:
     """Check a compiled proposal: held-out loss, SBC, coverage and, given observations,
-    ESS and Pareto k-hat of the posterior there (not for a model whose observation has no likelihood). Prints a readable report with verdicts
-    (unless ``verbose=False``) and returns the numbers.
+    ESS and Pareto k-hat of the posterior there (not for a model whose observation has no
+    likelihood). Prints a readable report with verdicts (unless ``verbose=False``) and returns
+    the numbers.
 
     The SBC budget (``num_datasets`` x ``num_samples``) is small by default: a pass is
     weak evidence, a failure is strong. ``observations`` may carry a leading batch axis.
@@ -145,9 +146,10 @@ def report(compiled, key: jax.Array, observations: Mapping[str, Any] | None = No
     khat = ess_value = ess_fraction = None
     weights_ok = True
     if observations is not None and compiled.spec.likelihood_free:
-        verdicts.append(f"no importance weights at the observations: observed site "
-                        f"{', '.join(repr(n) for n in compiled.spec.likelihood_free)} has no likelihood (a Delta); the raw draws "
-                        "(compiled.sample) are the posterior, and SBC and coverage above check them.")
+        names = ", ".join(repr(n) for n in compiled.spec.likelihood_free)
+        verdicts.append(f"no importance weights at the observations: observed site {names} has no likelihood (a "
+                        "Delta); the raw draws (compiled.sample) are the posterior, and SBC and coverage above check "
+                        "them.")
     elif observations is not None:
         post = compiled.posterior(post_key, observations, num_samples=num_particles)
         khat, ess_value = pareto_khat(post), ess(post)

@@ -278,10 +278,10 @@ class TraceSpec:
         if self.likelihood_free:
             names = ", ".join(f"'{n}'" for n in self.likelihood_free)
             raise NoLikelihoodError(
-                f"{needed_for} cannot run: it needs p(obs | latents), but observed site {names} is a Delta: a simulator's output "
-                "with no likelihood. The amortized posterior needs none: draw from it with compiled.sample(key, "
-                "observations, n) (as NPE does), or give the site a noise model (e.g. dist.Normal(value, noise)) "
-                "if its values are noisy measurements."
+                f"{needed_for} cannot run: it needs p(obs | latents), but observed site {names} is a Delta: a "
+                "simulator's output with no likelihood. The amortized posterior needs none: draw from it with "
+                "compiled.sample(key, observations, n) (as NPE does), or give the site a noise model (e.g. "
+                "dist.Normal(value, noise)) if its values are noisy measurements."
             )
 
     def to_json(self) -> str:
