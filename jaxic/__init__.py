@@ -14,7 +14,7 @@ from jaxic.control_flow import bounded_while, rejection_sample
 from jaxic.errors import (CheckpointError, IndexOutOfRangeError, JaxicError, ModelError, NoLikelihoodError, ObservationError,
                           StallWarning, UnknownSiteError, UnsupportedDistributionError, UntraceableModelError)
 from jaxic.export import to_arviz
-from jaxic.inference import Posterior, predictive
+from jaxic.inference import Posterior, ProposalDraws, predictive
 from jaxic.proposal import Proposal, importance_sample
 from jaxic.networks import TransformerConfig
 from jaxic.tracing import (TraceDataset, TraceSpec, TraceWriter, derive_trace_spec, sample_joint, write_simulations,
@@ -28,7 +28,7 @@ __all__ = ["control_flow", "bounded_while", "rejection_sample", "TraceDataset", 
            "CANDIDATE_OPTIONS", "COMPACT_CANDIDATE", "CheckpointError", "JaxicError", "ModelError", "StallWarning",
            "ObservationError", "NoLikelihoodError", "UnsupportedDistributionError", "IndexOutOfRangeError", "UnknownSiteError",
            "UntraceableModelError",
-           "Posterior", "predictive",
+           "Posterior", "ProposalDraws", "predictive",
            "importance_sample", "TransformerConfig", "TraceSpec", "derive_trace_spec", "sample_joint",
            "diagnostics", "to_arviz", "parallel", "proposal", "Proposal", "validation", "callbacks", "CSVLogger",
            "TensorBoardLogger", "TrainingRecord"]

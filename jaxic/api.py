@@ -27,7 +27,7 @@ from jaxic import checkpoint, loops, parallel, proposal as core, training
 from jaxic.callbacks import TrainingRecord
 from jaxic import validation as checks
 from jaxic.errors import CheckpointError, JaxicError, ModelError, ObservationError
-from jaxic.inference import Posterior, predictive
+from jaxic.inference import Posterior, ProposalDraws, predictive
 from jaxic.networks import (NETWORKS, TransformerConfig, config_from_metadata, embedder_metadata,
                             embedders_from_metadata, resolve_embedders)
 from jaxic import objectives
@@ -407,17 +407,19 @@ class CompiledModel:
         _warn_failed_particles(post)
         return post
 
-    def proposal_draws(self, key: jax.Array, observations: Mapping[str, Any], num_samples: int = 1000) -> Posterior:
-        """The raw proposal draws as a :class:`jaxic.Posterior`, with their ``executed`` masks and log
-        densities but without :meth:`posterior`'s checks and warnings on weights: for diagnostics that read
-        the draws themselves (SBC and TARP on raw draws), also for a model whose observation has no likelihood
-        (a ``Delta``; its log weights are then -inf). Batched like :meth:`posterior`.
+    def proposal_draws(self, key: jax.Array, observations: Mapping[str, Any],
+                       num_samples: int = 1000) -> ProposalDraws:
+        """The amortized posterior's raw draws ``x ~ q(x | y)`` as a :class:`jaxic.ProposalDraws`: equal
+        weights, so ``mean``, ``quantile``, ``resample`` and ``predictive`` are the proposal's own, with the
+        draws' ``executed`` masks and log densities. Works for a model whose observation has no likelihood (a
+        ``Delta``), where :meth:`posterior` cannot. Batched like :meth:`posterior`.
 
         Example:
-            >>> draws = compiled.proposal_draws(jax.random.key(0), {"obs": 25.0}, 100)
-            >>> draws.samples["x"].shape, draws.executed["x"].shape
+            >>> draws = compiled.proposal_draws(jax.random.key(0), {"obs": 25.0}, 1000)
+            >>> draws.mean("x"), draws.executed["x"].shape
+            >>> draws.predictive(jax.random.key(1), 500)["obs"]   # posterior predictive of q
         """
-        return self._importance(key, observations, num_samples)
+        return ProposalDraws.of(self._importance(key, observations, num_samples)).knowing_model(self.predictive_from)
 
     def _importance(self, key, observations, num_samples, defensive=0.0, defensive_scale=core.DEFENSIVE_SCALE):
         key = checks.prng_key("key", key)
@@ -448,13 +450,16 @@ class CompiledModel:
                    num_particles: int | None = None) -> dict[str, jax.Array]:
         """Posterior predictive draws of the observed and deterministic sites, batched like :meth:`posterior`
         (``num_particles``, default ``num_samples``, importance-sampling particles; see :func:`jaxic.predictive`).
+        For a simulator observed without a likelihood (a ``Delta``) there are no weights: the latents are then
+        the amortized posterior's raw draws (:meth:`proposal_draws`), as NPE's posterior predictive is.
 
         Example:
             >>> compiled.predictive(jax.random.key(0), {"obs": jnp.array([4.0, 25.0])}, 500)["obs"].shape  # (2, 500)
         """
-        self.spec.check_likelihood("posterior predictive draws (compiled.predictive, through importance sampling)")
         post_key, draw_key = jax.random.split(checks.prng_key("key", key))
-        post = self.posterior(post_key, observations, num_samples if num_particles is None else num_particles)
+        num_particles = num_samples if num_particles is None else num_particles
+        post = (self.proposal_draws if self.spec.likelihood_free else self.posterior)(post_key, observations,
+                                                                                       num_particles)
         return self.predictive_from(post, draw_key, num_samples)
 
     def predictive_from(self, post: Posterior, key: jax.Array, num_samples: int = 1000) -> dict[str, jax.Array]:
@@ -952,7 +957,6 @@ def load(path: str | os.PathLike, model: Callable, *, model_args: Sequence = (),
     if difference:
         raise CheckpointError(f"checkpoint '{path}' was written for a different model:\n{difference}\n"
                               "Pass the same model and model_args/model_kwargs it was compiled with.")
-    spec = dataclasses.replace(spec, observed=saved_spec.observed)  # read observations as the network was trained
     network_meta = metadata["network"]
     if network_meta["type"] not in NETWORKS:
         raise CheckpointError(f"checkpoint '{path}' uses network '{network_meta['type']}', unknown to this jaxic.")

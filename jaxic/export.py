@@ -18,6 +18,7 @@ from scipy.special import logsumexp
 
 from jaxic.diagnostics.weights import ess, resample_indices
 from jaxic.errors import JaxicError, MissingDependencyError
+from jaxic.inference.posterior import ProposalDraws
 
 BATCH_DIM = "observation"
 """Name of the dimension over observation sets when a batched posterior is exported."""
@@ -113,6 +114,9 @@ def to_arviz(posterior, key: jax.Array | None = None, num_draws: int | None = No
       (``exp`` sums to 1 over draws).
     * ``observed_data``: the ``observations`` if given.
 
+    Raw proposal draws (:class:`jaxic.ProposalDraws`, from ``compiled.proposal_draws``) are exported
+    as they are, with no resampling, no weights and no evidence in the attributes.
+
     Site dimensions take the names of the model's plates when ``model`` (a
     :class:`jaxic.CompiledModel` or a bound model callable) is given, otherwise
     ``{site}_dim_{i}``; ``dims`` overrides per site. A batched posterior (one per
@@ -145,7 +149,12 @@ def to_arviz(posterior, key: jax.Array | None = None, num_draws: int | None = No
     num_particles = posterior.num_samples
     log_w = np.asarray(posterior.log_weights, np.float64)
     executed = posterior.executed or {}
-    if resample:
+    raw = isinstance(posterior, ProposalDraws)  # already unweighted: resampling would only add repeats
+    if raw and num_draws is not None and num_draws != num_particles:
+        raise JaxicError(f"num_draws={num_draws}: raw proposal draws are exported as they are (all "
+                         f"{num_particles}); draw that many with compiled.proposal_draws(key, observations, "
+                         f"{num_draws}).")
+    if resample and not raw:
         num_draws = num_particles if num_draws is None else int(num_draws)
         index = resample_indices(jax.random.key(0) if key is None else key, log_w, num_draws)
         take = lambda x: np.take_along_axis(np.asarray(x), index.reshape(index.shape + (1,) * (np.ndim(x) - nb - 1)),
@@ -155,7 +164,7 @@ def to_arviz(posterior, key: jax.Array | None = None, num_draws: int | None = No
     else:
         take = np.asarray
     stats = {"log_joint": take(posterior.log_joint), "log_proposal": take(posterior.log_proposal)}
-    if not resample:
+    if not resample and not raw:
         stats["log_weight"] = log_w - logsumexp(log_w, axis=-1, keepdims=True)
 
     # Arrays arrive as (batch..., draw, *site); ArviZ wants (chain, draw, [observation], *site).
@@ -186,9 +195,10 @@ def to_arviz(posterior, key: jax.Array | None = None, num_draws: int | None = No
             data["observed_data"][var] = value
             var_dims[var] = (lead if value.ndim > len(own) else []) + _site_dims(name, own, plates, dims, sizes)
     attrs = {"posterior": {"inference_library": "jaxic", "num_particles": int(num_particles),
-                           "resampled": int(bool(resample)),
-                           "ess": np.asarray(ess(log_w)).tolist(),
-                           "log_evidence": (logsumexp(log_w, axis=-1) - np.log(num_particles)).tolist()}}
+                           "resampled": int(bool(resample) and not raw), "importance_weighted": int(not raw)}}
+    if not raw:
+        attrs["posterior"].update(ess=np.asarray(ess(log_w)).tolist(),
+                                  log_evidence=(logsumexp(log_w, axis=-1) - np.log(num_particles)).tolist())
     return from_dict(data, dims=var_dims, coords=dict(coords or {}), attrs=attrs)
 
 

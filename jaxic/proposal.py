@@ -90,17 +90,17 @@ def bind(model: Callable, model_args: Sequence = (), model_kwargs: Mapping | Non
     return functools.partial(model, *tuple(model_args), **dict(model_kwargs or {}))
 
 
-def check_dataset_fits(dataset: TraceDataset, model: Callable, observed: Sequence[str]) -> None:
+def check_dataset_fits(dataset: TraceDataset, model: Callable, observed: Sequence[str]) -> TraceSpec | None:
     """Raise a :class:`JaxicError` naming the site where ``dataset``'s traces do not fit ``model``: a latent
     or observed site missing, added, of another shape or support (a dataset of another model would train a
-    proposal whose importance weights are wrong).
+    proposal whose importance weights are wrong). Returns the model's own spec (None for universal traces).
 
     Example:
         >>> check_dataset_fits(TraceDataset("sims/"), functools.partial(model, M=2), ["obs"])
     """
     saved = dataset.spec
     if saved.dynamic:  # universal traces: addresses are discovered, the model is run eagerly at inference
-        return
+        return None
     if sorted(o.name for o in saved.observed) != sorted(observed):
         raise JaxicError(f"dataset '{dataset.path}' observes {[o.name for o in saved.observed]} but observed="
                          f"{list(observed)}: pass the observed sites the dataset was written with.")
@@ -122,6 +122,7 @@ def check_dataset_fits(dataset: TraceDataset, model: Callable, observed: Sequenc
         if shapes[o.name] != o.shape:
             raise JaxicError(f"observed site '{o.name}' has shape {shapes[o.name]} in the model but {o.shape} in "
                              f"dataset '{dataset.path}': write the dataset again from this model.")
+    return here
 
 
 # --- construction ---------------------------------------------------------------------------
@@ -147,9 +148,11 @@ def init(model: Callable, observed: Sequence[str], key: jax.Array, *, network: A
     bound = plate.element_model(full, 0) if plate is not None else full
     init_key, stats_key, _, _ = jax.random.split(key, 4)
     if spec is None and dataset is not None:
-        check_dataset_fits(dataset, bound, observed)
+        model_spec = check_dataset_fits(dataset, bound, observed)
+        # Whether an observation has a likelihood is the model's to say, also for datasets written before the field.
+        spec = dataset.spec if model_spec is None else dataset.spec.with_likelihood_of(model_spec)
     if spec is None:
-        spec = dataset.spec if dataset is not None else derive_spec(
+        spec = derive_spec(
             bound, observed, "masked" if plate is not None else path, stats_key, pilot_traces, max_tokens,
             elementwise=PLATE_ELEMENTWISE if plate is not None else None,
             max_sites_per_run=max_sites_per_run, run_timeout=run_timeout)

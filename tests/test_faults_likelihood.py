@@ -50,6 +50,21 @@ def test_the_spec_marks_the_observation_as_without_likelihood_and_keeps_it_in_js
     assert TraceSpec.from_json(json.dumps(raw)).likelihood_free == ()
 
 
+def test_a_dataset_written_before_the_field_trains_a_proposal_that_knows_there_is_no_likelihood(tmp_path):
+    jaxic.write_traces(tmp_path / "sims", simulator, ["obs"], 200, jax.random.key(0))
+    index_file = tmp_path / "sims" / "traces.json"
+    index = json.loads(index_file.read_text())
+    spec = json.loads(index["trace_spec"])
+    del spec["observed"][0]["has_likelihood"]  # as an older jaxic wrote it
+    index["trace_spec"] = json.dumps(spec)
+    index_file.write_text(json.dumps(index))
+    assert jaxic.TraceDataset(tmp_path / "sims").spec.likelihood_free == ()
+    from_old = jaxic.compile(simulator, ["obs"], jax.random.key(0), 0, dataset=tmp_path / "sims", **TINY)
+    assert from_old.spec.likelihood_free == ("obs",)  # the model says so, not the old file
+    with pytest.raises(NoLikelihoodError):
+        from_old.posterior(jax.random.key(0), {"obs": 0.3}, 10)
+
+
 def test_raw_draws_of_a_simulator_without_likelihood_are_its_posterior(compiled):
     observed = jnp.array([-1.0, 0.0, 1.5])
     draws = np.asarray(compiled.sample(jax.random.key(1), {"obs": observed}, 4000)["theta"])
@@ -61,13 +76,37 @@ def test_raw_draws_of_a_simulator_without_likelihood_are_its_posterior(compiled)
 def test_everything_that_weighs_by_the_likelihood_refuses_by_name(compiled):
     obs = {"obs": 0.3}
     for call in (lambda: compiled.posterior(jax.random.key(0), obs, 10),
-                 lambda: compiled.predictive(jax.random.key(0), obs, 10),
                  lambda: jaxic.importance_sample(compiled.proposal, None, jax.random.key(0), obs, 10),
                  lambda: jaxic.diagnostics.sbc(compiled, jax.random.key(0), 10, 10, weighted=True)):
         with pytest.raises(NoLikelihoodError, match=r"observed site 'obs' is a Delta.*compiled\.sample"):
             call()
     with pytest.raises(NoLikelihoodError, match="objective='elbo'"):
         jaxic.compile(simulator, ["obs"], jax.random.key(0), 0, objective="elbo", data={"obs": jnp.zeros(4)}, **TINY)
+
+
+def test_raw_draws_have_equal_weights_no_evidence_and_the_simulators_predictive(compiled):
+    observed = jnp.array([-1.0, 1.5])
+    draws = compiled.proposal_draws(jax.random.key(4), {"obs": observed}, 3000)
+    assert isinstance(draws, jaxic.ProposalDraws) and draws.batch_shape == (2,)
+    theta = np.asarray(draws.samples["theta"])
+    np.testing.assert_allclose(draws.mean("theta"), theta.mean(axis=1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(draws.std("theta"), theta.std(axis=1), rtol=1e-3)
+    np.testing.assert_allclose(draws.ess, 3000.0, rtol=1e-5)
+    assert np.isneginf(np.asarray(draws.log_joint)).all()  # a Delta's density: what the weights would have been
+    with pytest.raises(jaxic.JaxicError, match="no estimate of the evidence"):
+        draws.log_evidence
+    one = draws[1]
+    assert isinstance(one, jaxic.ProposalDraws) and one.summary().startswith("3000 raw proposal draws")
+    assert one.resample(jax.random.key(0), 5)["theta"].shape == (5,)
+    # The simulator's own posterior predictive: obs' = theta + N(0, NOISE^2) with theta from the posterior.
+    shrink = 1.0 / (1.0 + NOISE**2)
+    predicted = np.asarray(compiled.predictive(jax.random.key(5), {"obs": observed}, 4000)["obs"])
+    np.testing.assert_allclose(predicted.mean(axis=1), np.asarray(observed) * shrink, atol=0.1)
+    np.testing.assert_allclose(predicted.std(axis=1), math.sqrt(NOISE**2 * shrink + NOISE**2), rtol=0.15)
+    tree = jaxic.to_arviz(one)
+    attrs = tree.posterior.attrs
+    assert attrs["importance_weighted"] == 0 and "log_evidence" not in attrs and "ess" not in attrs
+    np.testing.assert_array_equal(np.asarray(tree.posterior["theta"]).reshape(-1), theta[1])  # as drawn, no repeats
 
 
 def test_sbc_and_the_report_check_raw_draws_of_a_simulator_without_likelihood(compiled):

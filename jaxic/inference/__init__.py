@@ -2,8 +2,8 @@
 
 from jaxic.inference.importance import (EagerDecoder, Particles,
                                         importance_sample_eager, log_joint, propose, sample_particles)
-from jaxic.inference.posterior import Posterior, check_weighted, resample_indices
+from jaxic.inference.posterior import Posterior, ProposalDraws, check_weighted, resample_indices
 from jaxic.inference.predictive import predictive
 
 __all__ = ["EagerDecoder", "importance_sample_eager", "log_joint",
-           "propose", "Posterior", "check_weighted", "resample_indices", "Particles", "sample_particles", "predictive"]
+           "propose", "Posterior", "ProposalDraws", "check_weighted", "resample_indices", "Particles", "sample_particles", "predictive"]

@@ -214,10 +214,7 @@ class Posterior:
         lines = []
         for b in np.ndindex(*self.batch_shape):
             pick = lambda a: np.asarray(a)[b] if b else np.asarray(a)
-            header = f"observation set {b[0]}: " if b else ""
-            lines.append(f"{header}ESS {float(pick(self.ess)):.1f} of {self.num_samples} "
-                         f"({100 * float(pick(self.ess)) / self.num_samples:.1f}%), "
-                         f"log evidence {float(pick(self.log_evidence)):.3f}")
+            lines.append((f"observation set {b[0]}: " if b else "") + self._summary_header(pick))
             lines.append(f"{'site':>16} {'mean':>9} {'sd':>9} {'5%':>9} {'50%':>9} {'95%':>9}")
             for name in sites:
                 mean, sd = pick(self.mean(name)).reshape(-1), pick(self.std(name)).reshape(-1)
@@ -233,3 +230,42 @@ class Posterior:
                 if mean.size > max_elements:
                     lines.append(f"{'':>16} ... {mean.size - max_elements} more elements")
         return "\n".join(lines)
+
+    def _summary_header(self, pick) -> str:
+        return (f"ESS {float(pick(self.ess)):.1f} of {self.num_samples} "
+                f"({100 * float(pick(self.ess)) / self.num_samples:.1f}%), "
+                f"log evidence {float(pick(self.log_evidence)):.3f}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ProposalDraws(Posterior):
+    """Raw draws ``x ~ q(x | y)`` of the amortized posterior, each of equal weight: ``mean``, ``std``,
+    ``quantile``, ``resample`` and ``predictive`` describe the proposal itself, not an importance-weighted
+    posterior, and ``ess`` is the number of draws. ``log_joint`` and ``log_proposal`` are those of each draw
+    (``log_joint`` is -inf for a model whose observation has no likelihood); there is no evidence estimate.
+    What :meth:`jaxic.CompiledModel.proposal_draws` returns.
+
+    Example:
+        >>> draws = compiled.proposal_draws(jax.random.key(0), {"obs": 25.0}, 1000)
+        >>> draws.mean("x"), draws.quantile("x", [0.05, 0.95]), draws.executed["x"].shape
+    """
+
+    @classmethod
+    def of(cls, particles: Posterior) -> "ProposalDraws":
+        """The draws of ``particles`` (a :class:`Posterior`) with their importance weights dropped.
+
+        Example:
+            >>> ProposalDraws.of(jaxic.proposal.draw_particles(proposal, None, key, {"obs": 25.0}, 100))
+        """
+        return cls(particles.samples, jnp.zeros_like(particles.log_weights), particles.log_joint,
+                   particles.log_proposal, particles.executed)
+
+    @property
+    def log_evidence(self) -> jax.Array:
+        raise JaxicError("raw proposal draws carry no importance weights, so they give no estimate of the evidence "
+                         "log p(y); importance-sample instead: compiled.posterior(key, observations, n).log_evidence "
+                         "(it needs a model with a likelihood).")
+
+    def _summary_header(self, pick) -> str:
+        return f"{self.num_samples} raw proposal draws (equal weights, no importance sampling)"

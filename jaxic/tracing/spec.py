@@ -284,6 +284,17 @@ class TraceSpec:
                 "dist.Normal(value, noise)) if its values are noisy measurements."
             )
 
+    def with_likelihood_of(self, model_spec: "TraceSpec") -> "TraceSpec":
+        """This spec with each observed site's ``has_likelihood`` taken from ``model_spec`` (the model's own,
+        freshly derived): a dataset or checkpoint written before the field existed reads it as True.
+
+        Example:
+            >>> saved.with_likelihood_of(derive_trace_spec(model, ["obs"])).likelihood_free   # ('obs',)
+        """
+        fresh = {o.name: o.has_likelihood for o in model_spec.observed}
+        return dataclasses.replace(self, observed=tuple(
+            dataclasses.replace(o, has_likelihood=fresh.get(o.name, o.has_likelihood)) for o in self.observed))
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
