@@ -404,7 +404,7 @@ class CompiledModel:
         """
         self.spec.check_likelihood("importance sampling (compiled.posterior)")
         post = self._importance(key, observations, num_samples, defensive, defensive_scale)
-        _warn_failed_particles(post)
+        _warn_about_weights(post)
         return post
 
     def proposal_draws(self, key: jax.Array, observations: Mapping[str, Any],
@@ -540,7 +540,7 @@ def checkpoint_metadata(compiled: CompiledModel) -> dict:
     }
 
 
-def _warn_failed_particles(post: Posterior) -> None:
+def _warn_about_weights(post: Posterior) -> None:
     """Warn when no particle of an observation set has a finite weight (the posterior there is undefined), and
     when the model's log density is NaN for some particles: importance sampling gives them zero weight, which is
     right only if the model really has no mass there."""
