@@ -9,11 +9,13 @@ import sys
 import warnings
 
 import jax
+import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import pytest
 from scipy import stats
 
+import jaxic
 from jaxic.diagnostics import LOG_JOINT, SBCResult, TARPResult, c2st, ecdf_band, tarp
 from jaxic.errors import JaxicError, MissingDependencyError
 from jaxic.export import SBC_GROUP, sbc_to_arviz
@@ -170,6 +172,13 @@ def test_c2st_is_chance_for_one_distribution_and_one_for_shifted():
     assert as_dict == c2st(y, x, seed=3)
     # Folds trained in two processes give the very same score.
     assert c2st(y, x, seed=3, n_jobs=2) == as_dict
+    # Raw proposal draws are compared as they are (their extra sites dropped), one observation set at a time.
+    draws = jaxic.ProposalDraws({"a": jnp.asarray(y[:, :1]), "b": jnp.asarray(y[:, 1]), "extra": jnp.zeros(60)},
+                                jnp.zeros(60), jnp.zeros(60), jnp.zeros(60))
+    assert c2st(draws, {"a": x[:, :1], "b": x[:, 1]}, seed=3) == as_dict
+    batched = jax.tree.map(lambda v: jnp.stack([v, v]), draws)
+    with pytest.raises(JaxicError, match=r"draws for 2 observation sets.*draws\[i\]"):
+        c2st(batched, {"a": x[:, :1], "b": x[:, 1]})
 
 
 class WeightedDraws:

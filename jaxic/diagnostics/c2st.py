@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from jaxic.errors import JaxicError, MissingDependencyError
+from jaxic.inference.posterior import ProposalDraws
 
 
 def _sklearn():
@@ -32,6 +33,11 @@ def _sklearn():
 
 def _as_matrix(x: Any, name: str, order: Sequence[str] | None) -> tuple[np.ndarray, list[str], list[str]]:
     """``(num_draws, D)`` from an array ``(num_draws, *shape)`` or a dict of sites, its sites and column labels."""
+    if isinstance(x, ProposalDraws):  # unweighted already: compare the draws themselves
+        if x.batch_shape:
+            raise JaxicError(f"{name} holds draws for {x.batch_shape[0]} observation sets; compare one set at a "
+                             f"time: {name}[i].")
+        x = x.samples if order is None else {k: x.samples[k] for k in order if k in x.samples}
     if hasattr(x, "log_weights") and hasattr(x, "samples"):
         raise JaxicError(f"{name} is a weighted jaxic.Posterior; C2ST compares unweighted draws: pass "
                          "post.resample(key, num) (a dict of sites).")
@@ -60,9 +66,10 @@ def _as_matrix(x: Any, name: str, order: Sequence[str] | None) -> tuple[np.ndarr
 def c2st(draws: Any, reference: Any, *, seed: int = 0, n_folds: int = 5, n_jobs: int | None = None) -> float:
     """Cross-validated accuracy of a classifier telling ``draws`` from ``reference``.
 
-    ``draws`` and ``reference`` are unweighted samples: arrays ``(num_draws, *shape)`` or
+    ``draws`` and ``reference`` are unweighted samples: arrays ``(num_draws, *shape)``,
     dicts of sites with such arrays (flattened and concatenated in the reference's site
-    order); their sizes may differ. Follows sbibm's protocol (see the module docstring)
+    order) or raw proposal draws (:class:`jaxic.ProposalDraws` of one observation set, its
+    sites that the reference has); their sizes may differ. Follows sbibm's protocol (see the module docstring)
     with stratified ``n_folds``-fold cross-validation shuffled by ``seed`` (also the
     classifier's seed). ``n_jobs`` trains that many folds at once in separate processes
     (scikit-learn's convention: ``None`` one, ``-1`` one per core); each fold's classifier is
@@ -78,7 +85,8 @@ def c2st(draws: Any, reference: Any, *, seed: int = 0, n_folds: int = 5, n_jobs:
     if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs == 0):
         raise JaxicError(f"n_jobs must be None (one process), a positive number of processes or -1 (one per core), "
                          f"got {n_jobs!r}.")
-    if isinstance(draws, Mapping) != isinstance(reference, Mapping):
+    as_sites = lambda x: isinstance(x, (Mapping, ProposalDraws))
+    if as_sites(draws) != as_sites(reference):
         raise JaxicError("give draws and reference in the same form: both arrays or both dicts of sites.")
     ref, order, labels = _as_matrix(reference, "reference", None)
     x, _, _ = _as_matrix(draws, "draws", order or None)
