@@ -95,6 +95,8 @@ def test_raw_draws_have_equal_weights_no_evidence_and_the_simulators_predictive(
     assert np.isneginf(np.asarray(draws.log_joint)).all()  # a Delta's density: what the weights would have been
     with pytest.raises(jaxic.JaxicError, match="no estimate of the evidence"):
         draws.log_evidence
+    with pytest.raises(jaxic.JaxicError, match="no importance weights to diagnose"):
+        jaxic.diagnostics.pareto_khat(draws)  # equal weights would read as a perfect proposal
     one = draws[1]
     assert isinstance(one, jaxic.ProposalDraws) and one.summary().startswith("3000 raw proposal draws")
     assert one.resample(jax.random.key(0), 5)["theta"].shape == (5,)

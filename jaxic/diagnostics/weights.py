@@ -16,7 +16,8 @@ import jax
 import numpy as np
 from scipy.special import logsumexp
 
-from jaxic.errors import MissingDependencyError
+from jaxic.errors import JaxicError, MissingDependencyError
+from jaxic.inference.posterior import ProposalDraws
 from jaxic.inference.posterior import resample_indices as posterior_resample_indices
 
 KHAT_GOOD = 0.5
@@ -25,6 +26,9 @@ KHAT_OK = 0.7
 
 def _log_weights(log_weights) -> np.ndarray:
     """Accept a :class:`jaxic.Posterior` or an array of log weights (particles last)."""
+    if isinstance(log_weights, ProposalDraws):  # its equal weights would read as a perfect proposal
+        raise JaxicError("these are raw proposal draws (compiled.proposal_draws): they carry no importance weights "
+                         "to diagnose; use compiled.posterior(key, observations, n) for weighted particles.")
     lw = getattr(log_weights, "log_weights", log_weights)
     lw = np.asarray(lw, dtype=np.float64)
     if lw.ndim == 0:
