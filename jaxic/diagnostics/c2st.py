@@ -69,8 +69,8 @@ def c2st(draws: Any, reference: Any, *, seed: int = 0, n_folds: int = 5, n_jobs:
     ``draws`` and ``reference`` are unweighted samples: arrays ``(num_draws, *shape)``,
     dicts of sites with such arrays (flattened and concatenated in the reference's site
     order) or raw proposal draws (:class:`jaxic.ProposalDraws` of one observation set, its
-    sites that the reference has); their sizes may differ. Follows sbibm's protocol (see the module docstring)
-    with stratified ``n_folds``-fold cross-validation shuffled by ``seed`` (also the
+    sites that the reference has); their sizes may differ. Follows sbibm's protocol (see the
+    module docstring) with stratified ``n_folds``-fold cross-validation shuffled by ``seed`` (also the
     classifier's seed). ``n_jobs`` trains that many folds at once in separate processes
     (scikit-learn's convention: ``None`` one, ``-1`` one per core); each fold's classifier is
     seeded alike, so the score does not depend on it. Needs scikit-learn.

@@ -17,8 +17,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from jaxic.errors import JaxicError, MissingDependencyError
-from jaxic.inference.posterior import ProposalDraws
-from jaxic.inference.posterior import resample_indices as posterior_resample_indices
+from jaxic.inference.posterior import ProposalDraws, resample_indices as posterior_resample_indices
 
 KHAT_GOOD = 0.5
 KHAT_OK = 0.7

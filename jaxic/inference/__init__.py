@@ -6,4 +6,5 @@ from jaxic.inference.posterior import Posterior, ProposalDraws, check_weighted, 
 from jaxic.inference.predictive import predictive
 
 __all__ = ["EagerDecoder", "importance_sample_eager", "log_joint",
-           "propose", "Posterior", "ProposalDraws", "check_weighted", "resample_indices", "Particles", "sample_particles", "predictive"]
+           "propose", "Posterior", "ProposalDraws", "check_weighted", "resample_indices", "Particles",
+           "sample_particles", "predictive"]

@@ -286,7 +286,7 @@ class TraceSpec:
 
     def with_likelihood_of(self, model_spec: "TraceSpec") -> "TraceSpec":
         """This spec with each observed site's ``has_likelihood`` taken from ``model_spec`` (the model's own,
-        freshly derived): a dataset or checkpoint written before the field existed reads it as True.
+        freshly derived): a trace dataset written before the field existed reads it as True.
 
         Example:
             >>> saved.with_likelihood_of(derive_trace_spec(model, ["obs"])).likelihood_free   # ('obs',)
